@@ -1,0 +1,112 @@
+"""Command-line entry points: ``lathe train``, ``lathe tokenizer train``, ``lathe config-docs``.
+
+Bad input ends here as one line on stderr naming the option and the fix, exit code 2, no
+traceback. A run that fails while training (non-finite loss) exits with code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from lathe.errors import ConfigError
+
+EXIT_CONFIG_ERROR = 2
+EXIT_TRAINING_ERROR = 3
+
+USAGE = """usage: lathe COMMAND [options]
+
+commands:
+  train        train a model (lathe train --help lists every option)
+  tokenizer    tokenizer tools (lathe tokenizer train --help)
+  config-docs  print the config reference as Markdown (docs/config.md)
+"""
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank{rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+
+
+def cmd_train(argv: list[str]) -> int:
+    from lathe import config as config_lib
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: lathe train [--config FILE] [--print-config] [--section.key VALUE ...]\n")
+        print(config_lib.help_text())
+        return 0
+    cfg, print_config = config_lib.load_config(argv)
+    if print_config:
+        print(config_lib.to_toml(cfg), end="")
+        return 0
+    setup_logging()
+    from lathe.trainer import TrainingError, train  # heavy imports only when training
+
+    try:
+        train(cfg)
+    except TrainingError as e:
+        logging.getLogger("lathe").error("%s", e)
+        return EXIT_TRAINING_ERROR
+    return 0
+
+
+def cmd_tokenizer(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lathe tokenizer")
+    sub = parser.add_subparsers(dest="action", required=True)
+    tr = sub.add_parser("train", help="train a byte-level BPE tokenizer (Hugging Face tokenizers)")
+    tr.add_argument("files", nargs="*", help="text or jsonl files; default: the embedded corpus")
+    tr.add_argument("--vocab-size", type=int, default=4096)
+    tr.add_argument("--output", required=True, help="where to write tokenizer.json")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from lathe.data.corpus import build_corpus
+    from lathe.data.tokenizer import train_tokenizer
+
+    setup_logging()
+    files = [Path(f) for f in args.files]
+    for f in files:
+        if not f.is_file():
+            raise ConfigError("files", "file not found", "check the path", str(f))
+    if args.vocab_size < 300:
+        raise ConfigError("--vocab-size", "must be at least 300 (256 bytes + special tokens + merges)",
+                          "e.g. 4096", args.vocab_size)
+    if not files:
+        files = [build_corpus().train]
+    out = train_tokenizer(files, args.vocab_size, Path(args.output))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_config_docs(argv: list[str]) -> int:
+    from lathe.config import markdown_reference
+
+    print(markdown_reference(), end="")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "config-docs": cmd_config_docs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else EXIT_CONFIG_ERROR
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"lathe: error: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr, end="")
+        return EXIT_CONFIG_ERROR
+    try:
+        return command(argv[1:])
+    except ConfigError as e:
+        print(f"lathe: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

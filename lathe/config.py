@@ -1,0 +1,635 @@
+"""The configuration: one typed tree of dataclasses, loaded from TOML and the command line.
+
+Every option is one dataclass field with its default and a one-line help (``opt``). ``--help``,
+``--print-config``, docs/config.md and validation all read that single place.
+
+Precedence: field default < TOML file < command line. Command-line forms:
+``--section.key value``, ``--section.key=value``, bare ``--section.flag`` (sets a boolean true) and
+``--no-section.flag`` / ``--section.flag false`` (sets it false). Lists are comma-separated.
+
+Config files written for torchtitan's late-2024 schema load unchanged: its keys that live under a
+different name here are listed in ``ALIASES``. Options for features that are not built yet are part
+of the tree (so such files parse), but switching one on fails with "not supported yet" instead of
+being silently ignored (``NOT_SUPPORTED_YET``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from lathe.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field: its default, one line of help, and the allowed values (for enums)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Job:
+    config_file: Optional[str] = opt(None, "TOML file to load before command-line overrides")
+    dump_folder: str = opt("./outputs", "root folder for everything a run writes")
+    description: str = opt("lathe training run", "free text logged at the start of the run")
+    use_for_integration_test: bool = opt(
+        False, "torchtitan compatibility: marks configs its integration runner uses; no effect")
+
+
+@dataclass
+class Model:
+    name: str = opt("llama3", "model family", ("llama2", "llama3"))
+    flavor: str = opt("debugmodel", "size preset of the family (see docs/models.md)")
+    norm_type: str = opt("rmsnorm", "normalization layer",
+                         ("rmsnorm", "layernorm", "np_layernorm", "fused_rmsnorm"))
+    tokenizer_path: str = opt("", "tokenizer file; empty = lathe's bundled default tokenizer")
+    rope_scaling: str = opt("none", "RoPE frequency scaling; llama3.1 = Llama 3.1 long-context scaling",
+                            ("none", "llama3.1"))
+
+
+@dataclass
+class Optimizer:
+    name: str = opt("AdamW", "optimizer", ("Adam", "AdamW"))
+    lr: float = opt(8e-4, "peak learning rate")
+    beta1: float = opt(0.9, "Adam beta1")
+    beta2: float = opt(0.95, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+    weight_decay: float = opt(0.1, "weight decay (decoupled for AdamW, L2 for Adam)")
+    no_decay_norms_and_embeddings: bool = opt(
+        False, "exempt norm weights, biases and embeddings from weight decay")
+    fused: bool = opt(False, "use the fused implementation (CUDA only)")
+    foreach: bool = opt(True, "use the multi-tensor (foreach) implementation when not fused")
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = opt(20, "linear warmup steps from ~0 to optimizer.lr")
+    decay_type: str = opt("linear", "shape of the decay after warmup; wsd = warmup-stable-decay",
+                          ("linear", "cosine", "wsd", "constant"))
+    decay_ratio: float = opt(0.2, "wsd only: fraction of the post-warmup steps spent decaying")
+    min_lr_ratio: float = opt(0.0, "floor of the decay as a fraction of optimizer.lr")
+
+
+@dataclass
+class Training:
+    dataset: str = opt("lathe_corpus", "dataset name; lathe_corpus = the embedded default corpus")
+    dataset_path: Optional[str] = opt(None, "path overriding where the dataset is read from")
+    batch_size: int = opt(8, "sequences per micro-batch per data-parallel rank")
+    seq_len: int = opt(256, "tokens per sequence")
+    steps: int = opt(300, "optimizer steps to train")
+    gradient_accumulation_steps: int = opt(1, "micro-batches accumulated per optimizer step")
+    global_batch_size: int = opt(
+        0, "sequences per optimizer step over all ranks; 0 = batch_size x accumulation x DP")
+    max_norm: float = opt(1.0, "clip the global gradient norm to this value; 0 disables clipping")
+    seed: int = opt(42, "seed for weight init, data order and dropout-free RNG use")
+    deterministic: bool = opt(False, "use deterministic algorithms (slower on GPU)")
+    device: str = opt("auto", "auto = CUDA when available, else CPU", ("auto", "cpu", "cuda"))
+    autocast_dtype: str = opt("none", "autocast compute dtype without FSDP (one device)",
+                              ("none", "bfloat16", "float16"))
+    mixed_precision_param: str = opt("bfloat16", "FSDP parameter dtype for compute", DTYPES[:2])
+    mixed_precision_reduce: str = opt("float32", "FSDP gradient reduction dtype", DTYPES[:2])
+    compile: bool = opt(False, "torch.compile each transformer block")
+    gc_freq: int = opt(50, "run Python's garbage collector every N steps (0 = automatic GC)")
+
+
+@dataclass
+class Parallelism:
+    dp_replicate: int = opt(1, "data-parallel replicas (DDP, or HSDP's replicate dimension)")
+    dp_shard: int = opt(-1, "FSDP shard degree; -1 = all ranks left after the other degrees")
+    tp: int = opt(1, "tensor-parallel degree")
+    pp: int = opt(1, "pipeline-parallel degree")
+    cp: int = opt(1, "context-parallel degree")
+    loss_parallel: bool = opt(True, "with tp > 1, compute the loss on vocab-sharded logits")
+    pp_split_points: list = opt([], "module names that start each pipeline stage, e.g. layers.4")
+    pp_schedule: str = opt("1f1b", "pipeline schedule name")
+    pp_microbatches: int = opt(0, "pipeline micro-batches; 0 = the number of stages")
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = opt("none", "activation checkpointing", ("none", "full", "selective"))
+    selective_ac_option: str = opt(
+        "2", "selective mode: N = checkpoint every Nth block, op = save matmul/attention outputs")
+
+
+@dataclass
+class Checkpoint:
+    enable_checkpoint: bool = opt(False, "save and resume distributed checkpoints")
+    folder: str = opt("checkpoint", "checkpoint folder under job.dump_folder")
+    interval_type: str = opt("steps", "unit of checkpoint.interval", ("steps", "seconds"))
+    interval: int = opt(500, "save every this many steps or seconds")
+    model_weights_only: bool = opt(False, "final save holds model weights only")
+    export_dtype: str = opt("float32", "dtype of a weights-only final save", DTYPES)
+    create_seed_checkpoint: bool = opt(False, "write a step-0 checkpoint on one process and exit")
+    async_mode: str = opt("disabled", "checkpoint saving mode",
+                          ("disabled", "async", "async_with_pinned_mem"))
+    keep_latest_k: int = opt(0, "keep only the newest k checkpoints; 0 keeps all")
+    load_step: int = opt(-1, "step to resume from; -1 = the latest complete checkpoint")
+
+
+@dataclass
+class Float8:
+    enable_float8_linear: bool = opt(False, "train nn.Linear layers in float8 (torchao)")
+    enable_fsdp_float8_all_gather: bool = opt(False, "all-gather float8 weights in FSDP")
+    precompute_float8_dynamic_scale_for_fsdp: bool = opt(False, "one all-reduce for all amaxes")
+    scaling_type_input: str = opt("dynamic", "float8 scaling of inputs", ("dynamic", "delayed"))
+    scaling_type_weight: str = opt("dynamic", "float8 scaling of weights", ("dynamic", "delayed"))
+    scaling_type_grad_output: str = opt("dynamic", "float8 scaling of output gradients",
+                                        ("dynamic", "delayed"))
+
+
+@dataclass
+class Experimental:
+    enable_async_tensor_parallel: bool = opt(False, "overlap TP communication (needs compile)")
+    enable_compiled_autograd: bool = opt(False, "compile the backward pass with compiled autograd")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = opt(10, "log metrics every N steps (and at step 1)")
+    enable_color_printing: bool = opt(False, "color the console metrics line")
+    enable_tensorboard: bool = opt(False, "write TensorBoard event files")
+    save_tb_folder: str = opt("tb", "TensorBoard folder under job.dump_folder")
+    rank_0_only: bool = opt(True, "only the metrics rank writes TensorBoard files")
+    enable_wandb: bool = opt(False, "log to Weights & Biases")
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = opt(False, "write torch.profiler traces")
+    save_traces_folder: str = opt("profile_traces", "trace folder under job.dump_folder")
+    profile_freq: int = opt(10, "profile one step every N steps; also the memory-snapshot period")
+    enable_memory_snapshot: bool = opt(False, "dump CUDA memory snapshots")
+    save_memory_snapshot_folder: str = opt("memory_snapshot", "snapshot folder under job.dump_folder")
+
+
+@dataclass
+class Comm:
+    init_timeout_seconds: int = opt(300, "collective timeout during init and the first step")
+    train_timeout_seconds: int = opt(100, "collective timeout after the first step")
+    trace_buf_size: int = opt(20000, "NCCL flight-recorder entries; 0 disables")
+
+
+@dataclass
+class MemoryEstimation:
+    enabled: bool = opt(False, "estimate memory instead of training")
+    disable_fake_mode: bool = opt(False, "estimate with real tensors instead of fake ones")
+
+
+@dataclass
+class Config:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    float8: Float8 = field(default_factory=Float8)
+    experimental: Experimental = field(default_factory=Experimental)
+    metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)
+    comm: Comm = field(default_factory=Comm)
+    memory_estimation: MemoryEstimation = field(default_factory=MemoryEstimation)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+# torchtitan (late 2024) key -> lathe key, for options that moved.
+ALIASES: dict[str, str] = {
+    "training.warmup_steps": "lr_scheduler.warmup_steps",
+    "training.data_parallel_replicate_degree": "parallelism.dp_replicate",
+    "training.data_parallel_shard_degree": "parallelism.dp_shard",
+    "training.tensor_parallel_degree": "parallelism.tp",
+    "training.enable_loss_parallel": "parallelism.loss_parallel",
+    "experimental.pipeline_parallel_degree": "parallelism.pp",
+    "experimental.pipeline_parallel_split_points": "parallelism.pp_split_points",
+    "experimental.pipeline_parallel_schedule": "parallelism.pp_schedule",
+    "experimental.pipeline_parallel_microbatches": "parallelism.pp_microbatches",
+    "experimental.context_parallel_degree": "parallelism.cp",
+}
+
+# Options whose feature is not built yet: a non-default value is refused, never ignored.
+# Each entry says which lathe issue brings it.
+NOT_SUPPORTED_YET: dict[str, str] = {
+    "model.norm_type=fused_rmsnorm": "use model.norm_type rmsnorm (the Triton fused kernel is not built)",
+    "checkpoint.enable_checkpoint": "distributed checkpoints arrive with the checkpointing work",
+    "checkpoint.create_seed_checkpoint": "seed checkpoints arrive with the checkpointing work",
+    "float8.enable_float8_linear": "float8 training is not built yet",
+    "experimental.enable_async_tensor_parallel": "async tensor parallel is not built yet",
+    "experimental.enable_compiled_autograd": "compiled autograd is not built yet",
+    "metrics.enable_wandb": "the W&B sink is not built yet; use metrics.enable_tensorboard or metrics.jsonl",
+    "memory_estimation.enabled": "the memory estimator is not built yet",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Introspection of the tree: every option as "section.key" with its field.
+
+
+def options() -> dict[str, tuple[type, dataclasses.Field]]:
+    """Every option key -> (its Python type, its dataclass field), in declaration order."""
+    out = {}
+    for sec_name, sec_cls in typing.get_type_hints(Config).items():
+        hints = typing.get_type_hints(sec_cls)
+        for f in fields(sec_cls):
+            out[f"{sec_name}.{f.name}"] = (hints[f.name], f)
+    return out
+
+
+_OPTIONS = options()
+
+
+def _base_type(tp: Any) -> Any:
+    """Optional[X] -> X; list[...] -> list."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list or tp is list:
+        return list
+    return tp
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    # The same name in another section first (training.lr or lr -> optimizer.lr), then spelling.
+    name = key.split(".", 1)[-1]
+    close = [k for k in _OPTIONS if k.split(".", 1)[1] == name][:1]
+    if not close:
+        close = difflib.get_close_matches(key, list(_OPTIONS) + list(ALIASES), n=1, cutoff=0.6)
+    fix = f"did you mean '{close[0]}'?" if close else "see `lathe train --help` for every option"
+    return ConfigError(key, f"unknown option in {where}", fix)
+
+
+def _coerce(key: str, raw: Any, from_cli: bool) -> Any:
+    """Convert a TOML or command-line value to the option's type, or explain why not."""
+    tp, f = _OPTIONS[key]
+    base = _base_type(tp)
+    optional = base is not tp and typing.get_origin(tp) in (typing.Union, types.UnionType)
+    if from_cli and optional and isinstance(raw, str) and raw.lower() in ("none", "null", ""):
+        return None
+    if raw is None and optional:
+        return None
+    try:
+        if base is bool:
+            if isinstance(raw, bool):
+                value = raw
+            elif isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "on"):
+                value = True
+            elif isinstance(raw, str) and raw.lower() in ("false", "0", "no", "off"):
+                value = False
+            else:
+                raise ValueError
+        elif base is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            value = int(raw)
+        elif base is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(raw)
+        elif base is list:
+            if isinstance(raw, str):
+                value = [s.strip() for s in raw.split(",") if s.strip()]
+            elif isinstance(raw, list):
+                value = [str(v) for v in raw]
+            else:
+                raise ValueError
+        else:
+            if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+                raise ValueError
+            value = str(raw)
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a number",
+                list: "a comma-separated list"}.get(base, "a string")
+        raise ConfigError(key, f"expected {kind}", f"e.g. --{key} {_example(base, f)}", raw) from None
+    choices = f.metadata.get("choices")
+    if choices and value is not None:
+        match = next((c for c in choices if str(c).lower() == str(value).lower()), None)
+        if match is None:
+            raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}", "", raw)
+        value = match
+    return value
+
+
+def _example(base: Any, f: dataclasses.Field) -> str:
+    choices = f.metadata.get("choices")
+    if choices:
+        return str(choices[0])
+    return {bool: "true", int: "8", float: "0.001", list: "a,b"}.get(base, "value")
+
+
+def _canonical(key: str) -> str:
+    return ALIASES.get(key, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    section, name = key.split(".", 1)
+    setattr(getattr(cfg, section), name, value)
+
+
+def _read_toml(path: str) -> dict[str, dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("job.config_file", "file not found", "check the path", path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("job.config_file", f"not valid TOML: {e}", "fix the file", path) from None
+    return data
+
+
+def _toml_items(data: dict[str, Any], path: str) -> list[tuple[str, Any]]:
+    items = []
+    section_names = {f.name for f in fields(Config)}
+    alias_sections = {k.split(".")[0] for k in ALIASES}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise _unknown_key(section, f"{path} (top-level keys must be [sections])")
+        if section not in section_names and section not in alias_sections:
+            close = difflib.get_close_matches(section, section_names, n=1)
+            fix = f"did you mean [{close[0]}]?" if close else f"sections: {', '.join(sorted(section_names))}"
+            raise ConfigError(f"[{section}]", f"unknown section in {path}", fix)
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            if _canonical(key) not in _OPTIONS:
+                raise _unknown_key(key, path)
+            items.append((_canonical(key), value))
+    return items
+
+
+def _parse_cli(argv: list[str]) -> tuple[list[tuple[str, str | bool]], Optional[str], bool]:
+    """Split argv into (key, raw value) overrides, the config file, and --print-config."""
+    overrides: list[tuple[str, str | bool]] = []
+    config_file = None
+    print_config = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--print-config":
+            print_config = True
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(arg, "unexpected argument", "options look like --section.key value")
+        body = arg[2:]
+        negated = body.startswith("no-")
+        if negated:
+            body = body[3:]
+        key, eq, raw = body.partition("=")
+        if key == "config":
+            key = "job.config_file"
+        if "." not in key:
+            raise _unknown_key(key, "the command line")
+        canonical = _canonical(key)
+        if canonical not in _OPTIONS:
+            raise _unknown_key(key, "the command line")
+        is_bool = _base_type(_OPTIONS[canonical][0]) is bool
+        if negated:
+            if not is_bool or eq:
+                raise ConfigError(arg, "--no- works only with boolean options", f"use --{key} VALUE")
+            overrides.append((canonical, False))
+            continue
+        if not eq:
+            nxt = argv[i] if i < len(argv) else None
+            if is_bool and (nxt is None or nxt.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off")):
+                overrides.append((canonical, True))
+                continue
+            if nxt is None or (nxt.startswith("--") and not _looks_numeric(nxt)):
+                raise ConfigError(key, "missing value", f"write --{key} VALUE")
+            raw = nxt
+            i += 1
+        if canonical == "job.config_file":
+            config_file = raw
+        overrides.append((canonical, raw))
+    return overrides, config_file, print_config
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(argv: list[str] | None = None) -> tuple[Config, bool]:
+    """Build the config from defaults, an optional TOML file and CLI overrides.
+
+    Returns (config, print_config_requested). Raises ConfigError for bad input.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides, config_file, print_config = _parse_cli(argv)
+    cfg = Config()
+    if config_file:
+        for key, value in _toml_items(_read_toml(config_file), config_file):
+            _set(cfg, key, _coerce(key, value, from_cli=False))
+    for key, raw in overrides:
+        _set(cfg, key, _coerce(key, raw, from_cli=True))
+    check_not_supported(cfg)
+    return cfg, print_config
+
+
+def check_not_supported(cfg: Config) -> None:
+    defaults = Config()
+    for spec, why in NOT_SUPPORTED_YET.items():
+        key, _, bad_value = spec.partition("=")
+        section, name = key.split(".", 1)
+        value = getattr(getattr(cfg, section), name)
+        default = getattr(getattr(defaults, section), name)
+        hit = (str(value) == bad_value) if bad_value else value != default
+        if hit:
+            raise ConfigError(key, "not supported yet", why, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: TOML and help text, generated from the tree
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML; loading it back gives the same config."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for name, value in values.items():
+            if value is None:
+                continue  # TOML has no null: an absent key means the default (None)
+            lines.append(f"{name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def help_text() -> str:
+    out = ["Options (--section.key VALUE or --section.key=VALUE; booleans: --key / --no-key):", ""]
+    current = None
+    for key, (tp, f) in _OPTIONS.items():
+        section = key.split(".")[0]
+        if section != current:
+            out.append(f"[{section}]")
+            current = section
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        choices = f.metadata.get("choices")
+        extra = f" {{{','.join(map(str, choices))}}}" if choices else ""
+        out.append(f"  --{key}{extra}  (default: {default!r})")
+        out.append(f"        {f.metadata['help']}")
+    out += ["", "torchtitan names also accepted: " + ", ".join(f"{a} -> {c}" for a, c in ALIASES.items())]
+    return "\n".join(out)
+
+
+def markdown_reference() -> str:
+    """docs/config.md, generated from the tree (see scripts/gen_config_docs.py)."""
+    out = ["# Configuration reference", "",
+           "Generated from `lathe/config.py` by `python scripts/gen_config_docs.py`; do not edit by hand.",
+           "", "Set options in a TOML file (`[section]` tables) or on the command line as",
+           "`--section.key value`. Command line beats file beats default.", ""]
+    current = None
+    for key, (tp, f) in _OPTIONS.items():
+        section = key.split(".")[0]
+        if section != current:
+            out += ["", f"## [{section}]", "", "| option | default | choices | meaning |", "|---|---|---|---|"]
+            current = section
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        choices = ", ".join(map(str, f.metadata.get("choices") or ()))
+        out.append(f"| `{key}` | `{default!r}` | {choices} | {f.metadata['help']} |")
+    out += ["", "## torchtitan names", "", "Config files written for torchtitan's late-2024 schema load unchanged;",
+            "these keys are read as their lathe equivalents:", "", "| torchtitan | lathe |", "|---|---|"]
+    out += [f"| `{a}` | `{c}` |" for a, c in ALIASES.items()]
+    out += ["", "## Not supported yet", "", "These options exist so that such files parse, but setting them",
+            "to a non-default value stops the run with a clear message:", ""]
+    out += [f"- `{k}`: {v}" for k, v in NOT_SUPPORTED_YET.items()]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: everything that can be checked before a process group or a model exists.
+
+DATASETS = ("lathe_corpus",)
+
+
+def default_tokenizer_path() -> Path:
+    return Path(__file__).parent / "assets" / "tokenizer.json"
+
+
+def tokenizer_path(cfg: Config) -> Path:
+    return Path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else default_tokenizer_path()
+
+
+def _require(ok: bool, key: str, value: Any, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(key, problem, fix, value)
+
+
+def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> None:
+    """Raise ConfigError for the first problem found; returns None when the config can run."""
+    from lathe.models import MODELS  # late import: the config module stays light
+
+    check_not_supported(cfg)
+    m, t, o, s, p = cfg.model, cfg.training, cfg.optimizer, cfg.lr_scheduler, cfg.parallelism
+    spec = MODELS[m.name]
+    if m.flavor not in spec.flavors:
+        close = difflib.get_close_matches(m.flavor, spec.flavors, n=1)
+        fix = f"did you mean '{close[0]}'?" if close else f"{m.name} flavors: {', '.join(spec.flavors)}"
+        raise ConfigError("model.flavor", f"no such {m.name} flavor", fix, m.flavor)
+    tok = tokenizer_path(cfg)
+    _require(tok.is_file(), "model.tokenizer_path", str(tok), "file not found",
+             "point it at a tokenizer.json, or leave it empty for lathe's default tokenizer")
+    _require(t.dataset in DATASETS, "training.dataset", t.dataset,
+             "not supported yet (Hugging Face and local datasets come with the data work)",
+             f"available: {', '.join(DATASETS)}")
+    if t.dataset_path is not None:
+        _require(Path(t.dataset_path).is_dir(), "training.dataset_path", t.dataset_path,
+                 "folder not found", "for lathe_corpus it is the corpus cache folder; leave unset for the default")
+    for key, value, low in (("training.batch_size", t.batch_size, 1), ("training.steps", t.steps, 1),
+                            ("training.seq_len", t.seq_len, 2), ("metrics.log_freq", cfg.metrics.log_freq, 1),
+                            ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
+                            ("training.gc_freq", t.gc_freq, 0), ("lr_scheduler.warmup_steps", s.warmup_steps, 0),
+                            ("training.global_batch_size", t.global_batch_size, 0),
+                            ("profiling.profile_freq", cfg.profiling.profile_freq, 1)):
+        _require(value >= low, key, value, f"must be >= {low}", f"set --{key} to {max(low, 1)} or more")
+    _require(o.lr > 0 and math.isfinite(o.lr), "optimizer.lr", o.lr, "must be a positive number", "e.g. 3e-4")
+    _require(0 <= o.beta1 < 1, "optimizer.beta1", o.beta1, "must be in [0, 1)", "typical: 0.9")
+    _require(0 <= o.beta2 < 1, "optimizer.beta2", o.beta2, "must be in [0, 1)", "typical: 0.95")
+    _require(o.eps > 0, "optimizer.eps", o.eps, "must be positive", "typical: 1e-8")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0", "typical: 0.1")
+    _require(t.max_norm >= 0, "training.max_norm", t.max_norm, "must be >= 0", "0 disables clipping")
+    _require(0 <= s.min_lr_ratio <= 1, "lr_scheduler.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]", "e.g. 0.1")
+    _require(0 < s.decay_ratio <= 1, "lr_scheduler.decay_ratio", s.decay_ratio, "must be in (0, 1]", "e.g. 0.2")
+    ac = cfg.activation_checkpoint
+    if ac.mode == "selective":
+        opt_ok = ac.selective_ac_option == "op" or (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) >= 1)
+        _require(opt_ok, "activation_checkpoint.selective_ac_option", ac.selective_ac_option,
+                 "must be 'op' or a positive whole number N (checkpoint every Nth block)", "e.g. 2 or op")
+    wants_cuda = t.device == "cuda" or o.fused
+    if wants_cuda and not cuda_available:
+        key = "training.device" if t.device == "cuda" else "optimizer.fused"
+        value = t.device if key == "training.device" else o.fused
+        raise ConfigError(key, "needs CUDA, and no CUDA device is available",
+                          "use --training.device cpu / --no-optimizer.fused", value)
+    # Parallel degrees. Multi-process layouts arrive with the parallelism work; until then the
+    # degrees must describe one process, and a launch on several processes stops here.
+    degrees = {"parallelism.dp_replicate": p.dp_replicate, "parallelism.tp": p.tp, "parallelism.pp": p.pp,
+               "parallelism.cp": p.cp}
+    for key, value in degrees.items():
+        _require(value >= 1, key, value, "must be >= 1", "1 disables it")
+    _require(p.dp_shard == -1 or p.dp_shard >= 1, "parallelism.dp_shard", p.dp_shard,
+             "must be -1 (all remaining ranks) or >= 1", "e.g. -1")
+    others = p.dp_replicate * p.tp * p.pp * p.cp
+    dp_shard = p.dp_shard if p.dp_shard != -1 else max(world_size // others, 1)
+    product = others * dp_shard
+    _require(product == world_size, "parallelism", f"dp_replicate {p.dp_replicate} x dp_shard {dp_shard} x "
+             f"tp {p.tp} x pp {p.pp} x cp {p.cp} = {product}", f"must equal the number of processes ({world_size})",
+             "change the degrees or the launch size")
+    if world_size > 1:
+        raise ConfigError("parallelism", "multi-process training is not supported yet",
+                          "launch one process (NGPU=1) until the parallelism work lands", f"{world_size} processes")
+    accum = t.gradient_accumulation_steps
+    if t.global_batch_size:
+        dp = p.dp_replicate * dp_shard
+        per_step = t.batch_size * dp
+        _require(t.global_batch_size % per_step == 0, "training.global_batch_size", t.global_batch_size,
+                 f"not divisible by batch_size x data-parallel degree = {per_step}",
+                 f"use a multiple of {per_step}")
+        derived = t.global_batch_size // per_step
+        _require(accum in (1, derived), "training.gradient_accumulation_steps", accum,
+                 f"contradicts training.global_batch_size (which implies {derived})", "set only one of the two")
+
+
+def accumulation_steps(cfg: Config, dp_degree: int) -> int:
+    t = cfg.training
+    if t.global_batch_size:
+        return t.global_batch_size // (t.batch_size * dp_degree)
+    return t.gradient_accumulation_steps

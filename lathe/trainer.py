@@ -1,0 +1,244 @@
+"""One training run, top to bottom.
+
+Read ``train`` first: each stage is one call into the module that does the work.
+
+    config -> validate -> device, seed -> tokenizer -> data stream -> model on meta
+      -> parallelize (AC, compile) -> materialize + init -> optimizer + LR schedule
+      -> loop: micro-batches (forward, backward) -> clip -> step -> metrics -> profiler
+      -> close
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lathe import config as config_lib
+from lathe.config import Config
+from lathe.data.corpus import build_corpus, iter_documents
+from lathe.data.stream import PackedStream
+from lathe.data.tokenizer import Tokenizer, load_tokenizer
+from lathe.metrics import MetricsProcessor
+from lathe.models import MODELS
+from lathe.models.llama import ModelArgs, flops_per_token, num_params
+from lathe.optim import LRSchedules, Optimizers
+from lathe.parallel.checkpointing import apply_ac
+from lathe.parallel.compile import apply_compile
+from lathe.profiling import maybe_memory_snapshot, maybe_profile
+
+logger = logging.getLogger("lathe")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (for example, the loss became NaN or infinite)."""
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss, every step
+    steps: int = 0
+    tokens: int = 0
+    dump_folder: Path = Path(".")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages of the run
+
+
+def pick_device(cfg: Config) -> torch.device:
+    if cfg.training.device == "cuda" or (cfg.training.device == "auto" and torch.cuda.is_available()):
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)  # seeds CPU and every CUDA device
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+
+
+def build_data(cfg: Config, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) -> PackedStream:
+    corpus = build_corpus(cfg.training.dataset_path)
+    return PackedStream(lambda: iter_documents(corpus.train), tokenizer, cfg.training.seq_len,
+                        cfg.training.batch_size, dp_rank=dp_rank, dp_degree=dp_degree)
+
+
+def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
+    flavor = MODELS[cfg.model.name].flavors[cfg.model.flavor]
+    return flavor.with_(vocab_size=vocab_size, max_seq_len=cfg.training.seq_len,
+                        norm_type=cfg.model.norm_type, rope_scaling=cfg.model.rope_scaling)
+
+
+def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
+    """Apply, in order, every technique the config asks for (one process: AC, then compile)."""
+    ac = cfg.activation_checkpoint
+    apply_ac(model, ac.mode, ac.selective_ac_option)
+    if cfg.training.compile:
+        apply_compile(model)
+    return model
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate the meta model's storage on ``device`` and initialize it from ``seed``.
+
+    Initialization runs under its own seed so the weights do not depend on what consumed random
+    numbers before (data, compile warm-up, ...).
+    """
+    model.to_empty(device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.init_weights(buffer_device=device)
+    model.train()
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over every position of the batch."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
+
+
+class NonFiniteGuard:
+    """Remembers the first step whose loss was NaN or infinite, without a device sync per step.
+
+    ``record`` only queues tensor ops; ``check`` (at log steps and at the end) reads the result
+    and raises. On a GPU this keeps the CPU running ahead of the device.
+    """
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)
+
+    def record(self, step: int, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss) & (self.first_bad == 0)
+        self.first_bad = torch.where(bad, step, self.first_bad)
+
+    def check(self) -> None:
+        step = int(self.first_bad.item())
+        if step:
+            raise TrainingError(f"loss became non-finite (NaN or inf) at step {step}; stopping. "
+                                "Lower optimizer.lr, raise lr_scheduler.warmup_steps, or keep "
+                                "training.max_norm > 0 to clip gradients")
+
+
+def write_run_config(cfg: Config, dump_folder: Path) -> None:
+    dump_folder.mkdir(parents=True, exist_ok=True)
+    (dump_folder / "config.toml").write_text(config_lib.to_toml(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: Config) -> TrainResult:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    config_lib.validate(cfg, world_size=world_size, cuda_available=torch.cuda.is_available())
+    t = cfg.training
+    dump_folder = Path(cfg.job.dump_folder)
+    write_run_config(cfg, dump_folder)
+    logger.info("starting job: %s", cfg.job.description)
+    if t.gc_freq:
+        gc.disable()  # collect on our schedule, the same step on every rank
+
+    device = pick_device(cfg)
+    seed_everything(t.seed, t.deterministic)
+    dp_rank, dp_degree = 0, 1
+
+    tokenizer = load_tokenizer(config_lib.tokenizer_path(cfg))
+    data = build_data(cfg, tokenizer, dp_rank, dp_degree)
+
+    args = model_args(cfg, tokenizer.vocab_size)
+    with torch.device("meta"):
+        model = MODELS[cfg.model.name].build(args)
+    n_params = num_params(model)
+    flops = flops_per_token(args, num_params(model, exclude_embedding=True), t.seq_len)
+    logger.info("model %s %s: %s parameters, %.3e training FLOPs per token",
+                cfg.model.name, cfg.model.flavor, f"{n_params:,}", flops)
+
+    model = parallelize(model, cfg)
+    materialize(model, device, t.seed)
+
+    optimizers = Optimizers([model], cfg.optimizer)
+    schedules = LRSchedules(optimizers, t.steps, cfg.lr_scheduler)
+    accum = config_lib.accumulation_steps(cfg, dp_degree)
+
+    metrics = MetricsProcessor(
+        log_freq=cfg.metrics.log_freq, device=device, flops_per_token=flops, dump_folder=dump_folder,
+        color=cfg.metrics.enable_color_printing, enable_tensorboard=cfg.metrics.enable_tensorboard,
+        tb_folder=cfg.metrics.save_tb_folder)
+    guard = NonFiniteGuard(device)
+    autocast = (torch.autocast(device.type, dtype=DTYPES[t.autocast_dtype])
+                if t.autocast_dtype != "none" else contextlib.nullcontext())
+    result = TrainResult(dump_folder=dump_folder)
+    tokens_per_step = t.batch_size * t.seq_len * accum * dp_degree
+    logger.info("training %d steps: batch %d x accumulation %d x DP %d = %d sequences of %d tokens "
+                "(%s tokens per step), warmup %d, on %s", t.steps, t.batch_size, accum, dp_degree,
+                t.batch_size * accum * dp_degree, t.seq_len, f"{tokens_per_step:,}",
+                cfg.lr_scheduler.warmup_steps, device)
+
+    prof = cfg.profiling
+    data_iter = iter(data)
+    step_losses: list[torch.Tensor] = []
+    try:
+        with maybe_profile(prof.enable_profiling, dump_folder / prof.save_traces_folder,
+                           prof.profile_freq) as profiler, \
+             maybe_memory_snapshot(prof.enable_memory_snapshot, dump_folder / prof.save_memory_snapshot_folder,
+                                   prof.profile_freq) as snapshotter:
+            for step in range(1, t.steps + 1):
+                if t.gc_freq and step % t.gc_freq == 0:
+                    gc.collect(1)
+                optimizers.zero_grad()
+                loss = torch.zeros((), device=device)
+                ntokens = 0
+                for _ in range(accum):
+                    start = time.perf_counter()
+                    inputs, labels = next(data_iter)
+                    metrics.data_loading_time(time.perf_counter() - start)
+                    inputs = inputs.to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
+                    ntokens += labels.numel()
+                    with autocast:
+                        logits = model(inputs)
+                        micro_loss = cross_entropy(logits, labels) / accum
+                    del logits  # free the largest activation before backward allocates gradients
+                    micro_loss.backward()
+                    loss += micro_loss.detach()
+
+                max_norm = t.max_norm if t.max_norm > 0 else float("inf")
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+                guard.record(step, loss)
+                lr = optimizers.lr
+                optimizers.step()
+                schedules.step()
+
+                step_losses.append(loss)
+                logged = metrics.step(step, loss, ntokens, lr, grad_norm)
+                if logged is not None or step == t.steps:
+                    guard.check()
+                if profiler is not None:
+                    profiler.step()
+                if snapshotter is not None:
+                    snapshotter.step()
+    finally:
+        metrics.close()
+        if t.gc_freq:
+            gc.enable()
+
+    result.losses = {i + 1: v for i, v in enumerate(torch.stack(step_losses).tolist())}
+    result.steps = t.steps
+    result.tokens = t.steps * tokens_per_step
+    logger.info("training completed: %d steps, %s tokens, metrics in %s", result.steps,
+                f"{result.tokens:,}", dump_folder / "metrics.jsonl")
+    return result

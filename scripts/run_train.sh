@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Launch `lathe train` with torchrun on one machine.
+#   NGPU         processes to start (default 8 on a CUDA machine, else 1); CPU runs use gloo
+#   CONFIG_FILE  TOML config (default: configs/debug_model.toml)
+#   LOG_RANK     comma-separated ranks whose output is shown (default 0)
+# Every argument is forwarded to the trainer as an override, e.g.
+#   NGPU=1 ./scripts/run_train.sh --training.steps 20 --training.seq_len 256
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [ -z "${NGPU:-}" ]; then
+  NGPU=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
+fi
+CONFIG_FILE=${CONFIG_FILE:-"$here/../configs/debug_model.toml"}
+LOG_RANK=${LOG_RANK:-0}
+
+exec torchrun --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
+  --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
+  -m lathe train --config "$CONFIG_FILE" "$@"
