@@ -46,12 +46,17 @@ def cmd_train(argv: list[str]) -> int:
     setup_logging()
     from lathe.trainer import TrainingError, train  # heavy imports only when training
 
+    from lathe.parallel import distributed
+
+    code = 0
     try:
         train(cfg)
     except TrainingError as e:
         logging.getLogger("lathe").error("%s", e)
-        return EXIT_TRAINING_ERROR
-    return 0
+        code = EXIT_TRAINING_ERROR
+    if distributed.world_size() > 1:
+        distributed.finish(code)  # tears down the process group and exits; see its docstring
+    return code
 
 
 def cmd_tokenizer(argv: list[str]) -> int:

@@ -105,6 +105,8 @@ class Training:
     mixed_precision_param: str = opt("bfloat16", "FSDP parameter dtype for compute", DTYPES[:2])
     mixed_precision_reduce: str = opt("float32", "FSDP gradient reduction dtype", DTYPES[:2])
     compile: bool = opt(False, "torch.compile each transformer block")
+    compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: fast to compile, for debugging)",
+                               ("inductor", "aot_eager", "eager"))
     gc_freq: int = opt(50, "run Python's garbage collector every N steps (0 = automatic GC)")
 
 
@@ -599,8 +601,7 @@ def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> 
         value = t.device if key == "training.device" else o.fused
         raise ConfigError(key, "needs CUDA, and no CUDA device is available",
                           "use --training.device cpu / --no-optimizer.fused", value)
-    # Parallel degrees. Multi-process layouts arrive with the parallelism work; until then the
-    # degrees must describe one process, and a launch on several processes stops here.
+    # Parallel degrees: their product is the number of processes, and the model must split.
     degrees = {"parallelism.dp_replicate": p.dp_replicate, "parallelism.tp": p.tp, "parallelism.pp": p.pp,
                "parallelism.cp": p.cp}
     for key, value in degrees.items():
@@ -613,9 +614,18 @@ def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> 
     _require(product == world_size, "parallelism", f"dp_replicate {p.dp_replicate} x dp_shard {dp_shard} x "
              f"tp {p.tp} x pp {p.pp} x cp {p.cp} = {product}", f"must equal the number of processes ({world_size})",
              "change the degrees or the launch size")
-    if world_size > 1:
-        raise ConfigError("parallelism", "multi-process training is not supported yet",
-                          "launch one process (NGPU=1) until the parallelism work lands", f"{world_size} processes")
+    _require(p.pp == 1, "parallelism.pp", p.pp, "not supported yet (pipeline parallelism is being built)", "use 1")
+    _require(p.cp == 1, "parallelism.cp", p.cp, "not supported yet (context parallelism is being built)", "use 1")
+    if p.tp > 1:
+        _require(p.dp_replicate == 1 or dp_shard > 1, "parallelism.dp_replicate", p.dp_replicate,
+                 "DDP (replicate without shard) does not compose with tensor parallel",
+                 "use HSDP: set parallelism.dp_shard > 1 too, or put those ranks in dp_shard")
+        margs = spec.flavors[m.flavor]
+        for what, n in (("attention heads", margs.n_heads), ("key/value heads", margs.kv_heads)):
+            _require(n % p.tp == 0, "parallelism.tp", p.tp,
+                     f"{m.name} {m.flavor} has {n} {what}, not divisible by tp", "pick a tp that divides it")
+        _require(t.seq_len % p.tp == 0, "training.seq_len", t.seq_len,
+                 f"not divisible by parallelism.tp={p.tp} (sequence parallel splits it)", "use a multiple of tp")
     accum = t.gradient_accumulation_steps
     if t.global_batch_size:
         dp = p.dp_replicate * dp_shard

@@ -182,7 +182,7 @@ def measure_matmul_flops(device: torch.device, budget_s: float = 0.5) -> tuple[f
     with torch.no_grad():
         if not on_cuda:
             # Slow machines: estimate the speed on a smaller problem first and shrink n if a
-            # 2048^3 run would not fit several times into the budget.
+            # 2048^3 run would not fit at least four times into the budget.
             small = torch.randn(1024, 1024, device=device, dtype=dtype)
             tmp = torch.empty_like(small)
             time_run(small, small, tmp, 1)  # warm-up (thread pool, caches)
@@ -214,7 +214,7 @@ def _read_peak_cache(path: Path) -> dict[str, Any]:
             data = json.load(f)
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
-        return {}  # missing or corrupt (e.g. a crash mid-write on an old version): just re-measure
+        return {}  # missing, or corrupt (e.g. edited by hand): treat as empty and re-measure
 
 
 def _write_peak_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
@@ -270,7 +270,11 @@ def peak_flops(device: torch.device | str, *, budget_s: float = 0.5) -> tuple[fl
         cache_key += f"|threads {torch.get_num_threads()}"
     path = _peak_cache_path()
     entry = _read_peak_cache(path).get(cache_key)
-    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0:
+    if (
+        isinstance(entry, dict)
+        and isinstance(entry.get("flops"), (int, float))
+        and entry["flops"] > 0
+    ):
         peak = float(entry["flops"])
         source = (
             f"measured matmul peak for {name!r} ({entry.get('method', '?')}, "
@@ -287,7 +291,9 @@ def peak_flops(device: torch.device | str, *, budget_s: float = 0.5) -> tuple[fl
     )
     peak, method = measure_matmul_flops(device, budget_s=budget_s)
     measured_at = time.strftime("%Y-%m-%d %H:%M:%S")
-    _write_peak_cache(path, cache_key, {"flops": peak, "method": method, "measured_at": measured_at})
+    _write_peak_cache(
+        path, cache_key, {"flops": peak, "method": method, "measured_at": measured_at}
+    )
     source = f"measured matmul peak for {name!r} ({method}, just now; cached in {path})"
     _log_once(cache_key, "MFU uses peak %.3g TFLOP/s: %s", peak / 1e12, source)
     return peak, source
@@ -439,7 +445,10 @@ class MemoryMonitor:
             if maxrss > self._ru_maxrss_at_reset:
                 peak = max(peak, maxrss)
         return MemStats(
-            gib=peak / GIB, pct=100.0 * peak / self._capacity, allocated_gib=peak / GIB, capacity_gib=cap_gib
+            gib=peak / GIB,
+            pct=100.0 * peak / self._capacity,
+            allocated_gib=peak / GIB,
+            capacity_gib=cap_gib,
         )
 
 
@@ -628,7 +637,9 @@ class MetricsProcessor:
 
         metrics = MetricsProcessor(log_freq=10, device=device, flops_per_token=fpt, dump_folder=out)
         for step in range(start + 1, steps + 1):
-            t0 = time.perf_counter(); batch = next(data); metrics.data_loading_time(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            batch = next(data)
+            metrics.data_loading_time(time.perf_counter() - t0)
             loss = train_step(batch)
             metrics.step(step, loss, ntokens=batch.numel(), lr=lr, grad_norm=gnorm)
         metrics.close()

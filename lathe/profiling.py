@@ -73,13 +73,17 @@ def maybe_profile(
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     # With a repeating schedule torch warns that each cycle's events are dropped after the trace is
     # written. That is exactly what we want (memory stays bounded), so silence that one warning.
-    warnings.filterwarnings("ignore", message="Warning: Profiler clears events at the end of each cycle")
+    warnings.filterwarnings(
+        "ignore", message="Warning: Profiler clears events at the end of each cycle"
+    )
     warmup, active = 1, 1
     wait = max(profile_freq - warmup - active, 0)
     logger.info("Profiling every %d steps; traces go to %s", profile_freq, trace_dir)
     with torch.profiler.profile(
         activities=activities,
-        schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),  # repeat=0: forever
+        schedule=torch.profiler.schedule(
+            wait=wait, warmup=warmup, active=active
+        ),  # repeat=0: forever
         on_trace_ready=save_trace,
         record_shapes=True,
     ) as prof:
@@ -137,7 +141,9 @@ def maybe_memory_snapshot(
     if not torch.cuda.is_available():
         if not _warned_no_cuda:
             _warned_no_cuda = True
-            logger.warning("Memory snapshots need CUDA; no snapshots will be written on this device.")
+            logger.warning(
+                "Memory snapshots need CUDA; no snapshots will be written on this device."
+            )
         yield None
         return
     if profile_freq < 1:

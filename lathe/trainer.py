@@ -3,7 +3,7 @@
 Read ``train`` first: each stage is one call into the module that does the work.
 
     config -> validate -> device, seed -> tokenizer -> data stream -> model on meta
-      -> parallelize (AC, compile) -> materialize + init -> optimizer + LR schedule
+      -> parallelize (TP, AC, compile, FSDP/DDP) -> materialize + init -> optimizer + LR schedule
       -> loop: micro-batches (forward, backward) -> clip -> step -> metrics -> profiler
       -> close
 """
@@ -11,6 +11,7 @@ Read ``train`` first: each stage is one call into the module that does the work.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import logging
 import os
@@ -21,18 +22,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from lathe import config as config_lib
 from lathe.config import Config
 from lathe.data.corpus import build_corpus, iter_documents
 from lathe.data.stream import PackedStream
 from lathe.data.tokenizer import Tokenizer, load_tokenizer
-from lathe.metrics import MetricsProcessor
+from lathe.metrics import MetricsProcessor, make_dist_reduce_fn
 from lathe.models import MODELS
 from lathe.models.llama import ModelArgs, flops_per_token, num_params
 from lathe.optim import LRSchedules, Optimizers
+from lathe.parallel import distributed
 from lathe.parallel.checkpointing import apply_ac
 from lathe.parallel.compile import apply_compile
+from lathe.parallel.dims import Meshes, ParallelDims
+from lathe.parallel.fsdp import apply_ddp, apply_fsdp, set_gradient_sync
+from lathe.parallel.init import init_model_parts
+from lathe.parallel.tensor import apply_tp
 from lathe.profiling import maybe_memory_snapshot, maybe_profile
 
 logger = logging.getLogger("lathe")
@@ -50,6 +58,7 @@ class TrainResult:
     steps: int = 0
     tokens: int = 0
     dump_folder: Path = Path(".")
+    model: nn.Module | None = None  # the trained (parallelized) model, for tests and notebooks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,26 +93,44 @@ def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
                         norm_type=cfg.model.norm_type, rope_scaling=cfg.model.rope_scaling)
 
 
-def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
-    """Apply, in order, every technique the config asks for (one process: AC, then compile)."""
+def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshes) -> nn.Module:
+    """Apply, in order, every technique the config asks for: TP -> AC -> compile -> FSDP/DDP."""
+    if dims.tp_enabled:
+        apply_tp(model, meshes.tp, loss_parallel=dims.loss_parallel)
     ac = cfg.activation_checkpoint
     apply_ac(model, ac.mode, ac.selective_ac_option)
     if cfg.training.compile:
-        apply_compile(model)
+        if dims.tp_enabled:
+            _wait_for_async_embedding_output(model)
+        apply_compile(model, backend=cfg.training.compile_backend)
+    if dims.fsdp_enabled:
+        apply_fsdp(model, meshes.data_parallel, DTYPES[cfg.training.mixed_precision_param],
+                   DTYPES[cfg.training.mixed_precision_reduce])
+    elif dims.ddp_only:
+        apply_ddp(model, meshes.data_parallel)
     return model
 
 
-def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
-    """Allocate the meta model's storage on ``device`` and initialize it from ``seed``.
+def _wait_for_async_embedding_output(model: nn.Module) -> None:
+    """TP + compile on torch 2.11-2.13: the TP embedding hands the first block an
+    AsyncCollectiveTensor, whose backward through a compiled block breaks (pytorch#180614).
+    Materializing it in eager with an identity op that keeps autograd (``* 1``; ``.wait()`` would
+    detach the embedding's gradient) avoids that."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
-    Initialization runs under its own seed so the weights do not depend on what consumed random
-    numbers before (data, compile warm-up, ...).
+    if model.tok_embeddings is not None:
+        model.tok_embeddings.register_forward_hook(
+            lambda mod, inp, out: out * 1 if isinstance(out, AsyncCollectiveTensor) else out)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip to ``max_norm`` and return the total norm over all parameters and all their shards.
+
+    With DTensor parameters (FSDP, TP) the norm is a DTensor whose reduction over the mesh
+    gives the global norm; ``full_tensor`` materializes it.
     """
-    model.to_empty(device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        model.init_weights(buffer_device=device)
-    model.train()
+    norm = nn.utils.clip_grad_norm_(list(params), max_norm, foreach=True)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -143,18 +170,24 @@ def write_run_config(cfg: Config, dump_folder: Path) -> None:
 
 
 def train(cfg: Config) -> TrainResult:
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = distributed.world_size()
     config_lib.validate(cfg, world_size=world_size, cuda_available=torch.cuda.is_available())
     t = cfg.training
     dump_folder = Path(cfg.job.dump_folder)
-    write_run_config(cfg, dump_folder)
+    is_logging_rank = distributed.rank() == 0
+    if is_logging_rank:
+        write_run_config(cfg, dump_folder)
     logger.info("starting job: %s", cfg.job.description)
     if t.gc_freq:
         gc.disable()  # collect on our schedule, the same step on every rank
 
     device = pick_device(cfg)
+    distributed.init(device, cfg.comm.init_timeout_seconds)
+    dims = ParallelDims.from_config(cfg.parallelism, world_size)
+    meshes = dims.build_meshes(device.type)
+    dp_rank = meshes.dp.get_local_rank() if meshes.dp is not None else 0
+    dp_degree = dims.dp
     seed_everything(t.seed, t.deterministic)
-    dp_rank, dp_degree = 0, 1
 
     tokenizer = load_tokenizer(config_lib.tokenizer_path(cfg))
     data = build_data(cfg, tokenizer, dp_rank, dp_degree)
@@ -162,13 +195,15 @@ def train(cfg: Config) -> TrainResult:
     args = model_args(cfg, tokenizer.vocab_size)
     with torch.device("meta"):
         model = MODELS[cfg.model.name].build(args)
+    reference = copy.deepcopy(model)  # unparallelized, on meta: the source of initial weights
     n_params = num_params(model)
     flops = flops_per_token(args, num_params(model, exclude_embedding=True), t.seq_len)
     logger.info("model %s %s: %s parameters, %.3e training FLOPs per token",
                 cfg.model.name, cfg.model.flavor, f"{n_params:,}", flops)
 
-    model = parallelize(model, cfg)
-    materialize(model, device, t.seed)
+    model = parallelize(model, cfg, dims, meshes)
+    model.to_empty(device=device)
+    init_model_parts([model], reference, device, t.seed)
 
     optimizers = Optimizers([model], cfg.optimizer)
     schedules = LRSchedules(optimizers, t.steps, cfg.lr_scheduler)
@@ -177,11 +212,15 @@ def train(cfg: Config) -> TrainResult:
     metrics = MetricsProcessor(
         log_freq=cfg.metrics.log_freq, device=device, flops_per_token=flops, dump_folder=dump_folder,
         color=cfg.metrics.enable_color_printing, enable_tensorboard=cfg.metrics.enable_tensorboard,
-        tb_folder=cfg.metrics.save_tb_folder)
+        tb_folder=cfg.metrics.save_tb_folder, is_logging_rank=is_logging_rank,
+        model_parallel_size=dims.model_parallel_size,
+        reduce_fn=make_dist_reduce_fn(meshes.dp.get_group()) if meshes.dp is not None else None)
     guard = NonFiniteGuard(device)
     autocast = (torch.autocast(device.type, dtype=DTYPES[t.autocast_dtype])
                 if t.autocast_dtype != "none" else contextlib.nullcontext())
-    result = TrainResult(dump_folder=dump_folder)
+    # Loss parallel: cross-entropy on vocabulary-sharded logits; forward and backward inside it.
+    loss_context = loss_parallel if dims.loss_parallel else contextlib.nullcontext
+    result = TrainResult(dump_folder=dump_folder, model=model)
     tokens_per_step = t.batch_size * t.seq_len * accum * dp_degree
     logger.info("training %d steps: batch %d x accumulation %d x DP %d = %d sequences of %d tokens "
                 "(%s tokens per step), warmup %d, on %s", t.steps, t.batch_size, accum, dp_degree,
@@ -202,22 +241,26 @@ def train(cfg: Config) -> TrainResult:
                 optimizers.zero_grad()
                 loss = torch.zeros((), device=device)
                 ntokens = 0
-                for _ in range(accum):
+                for micro in range(accum):
+                    set_gradient_sync(model, micro == accum - 1)
                     start = time.perf_counter()
                     inputs, labels = next(data_iter)
                     metrics.data_loading_time(time.perf_counter() - start)
                     inputs = inputs.to(device, non_blocking=True)
                     labels = labels.to(device, non_blocking=True)
                     ntokens += labels.numel()
-                    with autocast:
-                        logits = model(inputs)
-                        micro_loss = cross_entropy(logits, labels) / accum
-                    del logits  # free the largest activation before backward allocates gradients
-                    micro_loss.backward()
-                    loss += micro_loss.detach()
+                    with loss_context():
+                        with autocast:
+                            logits = model(inputs)
+                            micro_loss = cross_entropy(logits, labels) / accum
+                        del logits  # free the largest activation before backward allocates gradients
+                        micro_loss.backward()
+                    detached = micro_loss.detach()
+                    # under loss parallel the loss is a replicated DTensor: every rank has it whole
+                    loss += detached.full_tensor() if isinstance(detached, DTensor) else detached
 
                 max_norm = t.max_norm if t.max_norm > 0 else float("inf")
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+                grad_norm = clip_grad_norm(model.parameters(), max_norm)
                 guard.record(step, loss)
                 lr = optimizers.lr
                 optimizers.step()
@@ -227,6 +270,8 @@ def train(cfg: Config) -> TrainResult:
                 logged = metrics.step(step, loss, ntokens, lr, grad_norm)
                 if logged is not None or step == t.steps:
                     guard.check()
+                if step == 1:
+                    distributed.set_train_timeout(cfg.comm.train_timeout_seconds)
                 if profiler is not None:
                     profiler.step()
                 if snapshotter is not None:

@@ -26,6 +26,8 @@ LLAMA2_FLAVORS: dict[str, ModelArgs] = {
 }
 
 LLAMA3_FLAVORS: dict[str, ModelArgs] = {
+    # lathe's own: a model small enough for multi-process tests on a laptop CPU (with GQA)
+    "tiny": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=64, rope_theta=500000),
     "debugmodel": ModelArgs(dim=256, n_layers=8, n_heads=16, rope_theta=500000),
     "8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
                     ffn_dim_multiplier=1.3, rope_theta=500000),

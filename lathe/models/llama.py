@@ -241,6 +241,10 @@ class Transformer(nn.Module):
             h = self.norm(h)
         return self.output(h).float() if self.output is not None else h
 
+    def init_rope(self, device: torch.device | str) -> None:
+        """(Re)compute the RoPE tables, e.g. after ``to_empty`` left them uninitialized."""
+        self.rope_cos, self.rope_sin = rope_tables(self.args, device)
+
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
         """Initialize every parameter this module holds, and recompute the RoPE tables.
@@ -248,8 +252,7 @@ class Transformer(nn.Module):
         Call after ``to_empty`` (meta-device construction leaves storage uninitialized). Each
         piece is optional so a pipeline stage initializes only what it owns.
         """
-        device = buffer_device or self.rope_cos.device
-        self.rope_cos, self.rope_sin = rope_tables(self.args, device)
+        self.init_rope(buffer_device or self.rope_cos.device)
         if self.tok_embeddings is not None:
             nn.init.normal_(self.tok_embeddings.weight)  # std 1
         for layer in self.layers.values():

@@ -1,5 +1,6 @@
 """The config tree: TOML + CLI loading, precedence, booleans, aliases, errors, help and print."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -197,10 +198,25 @@ def test_invalid_toml_is_reported(tmp_path):
         load_config(["--config", path])
 
 
-def test_multi_process_layouts_are_refused_until_built():
-    cfg, _ = load_config([])
-    with pytest.raises(ConfigError, match="multi-process training is not supported yet"):
-        validate(cfg, world_size=2)
+@pytest.mark.parametrize("argv,world,message", [
+    (["--parallelism.tp", "3"], 3, "has 16 attention heads, not divisible by tp"),
+    (["--model.flavor", "tiny", "--parallelism.tp", "4"], 4, "has 2 key/value heads, not divisible by tp"),
+    (["--parallelism.tp", "2", "--training.seq_len", "255"], 2, "not divisible by parallelism.tp=2"),
+    (["--parallelism.tp", "2", "--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "1"], 4,
+     "DDP (replicate without shard) does not compose with tensor parallel"),
+    (["--parallelism.dp_shard", "3"], 4, "must equal the number of processes (4)"),
+    (["--parallelism.pp", "2"], 2, "parallelism.pp=2: not supported yet"),
+])
+def test_layout_errors(argv, world, message):
+    cfg, _ = load_config(argv)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(cfg, world_size=world)
+
+
+def test_layouts_that_fit_validate():
+    for argv, world in ((["--parallelism.tp", "2"], 4), (["--parallelism.dp_replicate", "2"], 4),
+                        (["--parallelism.dp_replicate", "2", "--parallelism.tp", "2"], 8)):
+        validate(load_config(argv)[0], world_size=world)
 
 
 def test_config_reference_doc_is_current():

@@ -41,13 +41,17 @@ def _isolated_cache(_shared_cache_dir, monkeypatch):
     monkeypatch.setattr(M, "measure_matmul_flops", lambda device, budget_s=0.5: (1e11, "fake"))
 
 
-# --- console line ----------------------------------------------------------------------------------
+# --- console line ---------------------------------------------------------------------------------
 
 
 def _line(color: bool, extras: bool = True) -> str:
-    kw = dict(step=10, loss=7.1234, memory_gib=0.52, memory_pct=2.14, wps=1710.4, mfu=3.5, color=color)
+    kw = dict(
+        step=10, loss=7.1234, memory_gib=0.52, memory_pct=2.14, wps=1710.4, mfu=3.5, color=color
+    )
     if extras:
-        kw.update(tokens_seen=163840, lr=8e-4, grad_norm=1.2345, step_time=0.94, data_loading_pct=0.3)
+        kw.update(
+            tokens_seen=163840, lr=8e-4, grad_norm=1.2345, step_time=0.94, data_loading_pct=0.3
+        )
     return M.format_console_line(**kw)
 
 
@@ -70,7 +74,7 @@ def test_console_line_color_has_same_text():
     assert CONSOLE_RE.match(ANSI_RE.sub("", line))
 
 
-# --- peak FLOPs ------------------------------------------------------------------------------------
+# --- peak FLOPs -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -132,7 +136,6 @@ def test_cpu_peak_is_measured_then_cached(tmp_path, monkeypatch):
     assert "cached" in source2
 
 
-
 @pytest.mark.parametrize("name", ["NVIDIA H100 80GB HBM3", "NVIDIA H800"])
 def test_cuda_peak_uses_table_or_measures(name, monkeypatch):
     """Fake a CUDA device name: a known GPU gets its datasheet number, an unknown one is measured
@@ -143,6 +146,7 @@ def test_cuda_peak_uses_table_or_measures(name, monkeypatch):
         assert peak == 1e11 and "measured" in source
     else:
         assert peak == 989e12 and "datasheet" in source and "H100 SXM" in source
+
 
 def test_cache_dir_respects_xdg(tmp_path, monkeypatch):
     monkeypatch.delenv("LATHE_CACHE_DIR")
@@ -156,7 +160,7 @@ def test_mfu_and_is_finite():
     assert not M.is_finite(torch.tensor(float("nan"))) and not M.is_finite(float("inf"))
 
 
-# --- memory ----------------------------------------------------------------------------------------
+# --- memory ---------------------------------------------------------------------------------------
 
 
 def test_cpu_memory_monitor_sees_growth():
@@ -169,17 +173,21 @@ def test_cpu_memory_monitor_sees_growth():
     assert after.gib >= before.gib + 0.05
 
 
-# --- MetricsProcessor ------------------------------------------------------------------------------
+# --- MetricsProcessor -----------------------------------------------------------------------------
 
 
 def test_metrics_processor_logs_on_schedule(tmp_path, caplog):
     losses = [5.0, 4.0, 3.0, 6.0, 1.0]
-    mp = M.MetricsProcessor(log_freq=2, device=torch.device("cpu"), flops_per_token=1e6, dump_folder=tmp_path)
+    mp = M.MetricsProcessor(
+        log_freq=2, device=torch.device("cpu"), flops_per_token=1e6, dump_folder=tmp_path
+    )
     logged = {}
     with caplog.at_level(logging.INFO, logger="lathe"):
         for step, loss in enumerate(losses, start=1):
             mp.data_loading_time(0.001)
-            out = mp.step(step, torch.tensor(loss), ntokens=128, lr=1e-3, grad_norm=torch.tensor(0.5))
+            out = mp.step(
+                step, torch.tensor(loss), ntokens=128, lr=1e-3, grad_norm=torch.tensor(0.5)
+            )
             if out is not None:
                 logged[step] = out
     mp.close()
@@ -200,8 +208,21 @@ def test_metrics_processor_logs_on_schedule(tmp_path, caplog):
     assert rows[0]["event"] == "start"
     assert rows[0]["peak_flops"] > 0 and rows[0]["peak_flops_source"]
     assert [r["step"] for r in rows[1:]] == [1, 2, 4]
-    expected = {"step", "loss", "max_loss", "wps", "mfu", "lr", "grad_norm", "tokens_seen",
-                "step_time", "data_loading_pct", "memory_gib", "memory_pct", "time"}
+    expected = {
+        "step",
+        "loss",
+        "max_loss",
+        "wps",
+        "mfu",
+        "lr",
+        "grad_norm",
+        "tokens_seen",
+        "step_time",
+        "data_loading_pct",
+        "memory_gib",
+        "memory_pct",
+        "time",
+    }
     assert all(expected <= r.keys() for r in rows[1:])
 
 
@@ -221,8 +242,9 @@ def test_metrics_processor_reduce_fn_and_model_parallel(tmp_path):
 
 
 def test_non_logging_rank_writes_nothing(tmp_path, caplog):
-    mp = M.MetricsProcessor(log_freq=1, device="cpu", flops_per_token=1.0, dump_folder=tmp_path,
-                            is_logging_rank=False)
+    mp = M.MetricsProcessor(
+        log_freq=1, device="cpu", flops_per_token=1.0, dump_folder=tmp_path, is_logging_rank=False
+    )
     with caplog.at_level(logging.INFO, logger="lathe"):
         assert mp.step(1, torch.tensor(1.0), ntokens=1, lr=0.0, grad_norm=0.0) is not None
     assert not any(r.getMessage().startswith("step:") for r in caplog.records)
@@ -237,7 +259,7 @@ def test_jsonl_writes_nan_as_null(tmp_path):
     assert row["loss"] is None and "time" in row
 
 
-# --- TensorBoard -----------------------------------------------------------------------------------
+# --- TensorBoard ----------------------------------------------------------------------------------
 
 
 def test_tensorboard_logger_writes_event_file(tmp_path):
@@ -248,7 +270,7 @@ def test_tensorboard_logger_writes_event_file(tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
-# --- profiling -------------------------------------------------------------------------------------
+# --- profiling ------------------------------------------------------------------------------------
 
 
 def test_profiler_writes_trace(tmp_path):
@@ -280,12 +302,13 @@ def test_memory_snapshot_on_cpu_warns_and_does_nothing(tmp_path, caplog, monkeyp
     assert not any(tmp_path.iterdir())
 
 
-
 def test_memory_snapshot_dumps_on_oom_and_reraises(tmp_path, monkeypatch):
     """The OOM path, on any machine: fake the CUDA memory-history API."""
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(
+        torch.cuda.memory, "_record_memory_history", lambda *a, **k: calls.append(k)
+    )
     monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda: {"segments": []})
     with pytest.raises(torch.OutOfMemoryError):
         with maybe_memory_snapshot(True, tmp_path, profile_freq=2, global_step=4) as snap:
@@ -296,7 +319,8 @@ def test_memory_snapshot_dumps_on_oom_and_reraises(tmp_path, monkeypatch):
     assert (tmp_path / "iteration_7_exit" / "rank0_memory_snapshot.pickle").exists()
     assert calls[-1] == {"enabled": None}  # history recording was switched off again
 
-# --- CUDA (skipped on CPU-only machines) -----------------------------------------------------------
+
+# --- CUDA (skipped on CPU-only machines) ----------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

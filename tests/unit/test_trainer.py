@@ -43,19 +43,8 @@ def test_same_seed_gives_identical_losses_and_another_seed_does_not(tmp_path):
 
 
 def _final_params(monkeypatch, cfg):
-    """Run and capture the model's parameters at the end."""
-    import lathe.trainer as trainer
-
-    captured = {}
-    original = trainer.materialize
-
-    def spy(model, device, seed):
-        original(model, device, seed)
-        captured["model"] = model
-
-    monkeypatch.setattr(trainer, "materialize", spy)
     result = train(cfg)
-    return result.losses, {n: p.detach().clone() for n, p in captured["model"].named_parameters()}
+    return result.losses, {n: p.detach().clone() for n, p in result.model.named_parameters()}
 
 
 def test_gradient_accumulation_4x_b_equals_batch_4b(tmp_path, monkeypatch):

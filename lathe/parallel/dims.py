@@ -1,0 +1,99 @@
+"""Parallel degrees -> one DeviceMesh.
+
+Mesh dimensions, outermost first: pp, dp_replicate, dp_shard, cp, tp. Only degrees > 1 become
+dimensions. TP is innermost so that its frequent, latency-bound collectives stay among
+neighbouring ranks (inside a node on GPU clusters); PP, which only sends activations between
+stages, is outermost (across nodes).
+
+When data parallelism is on, ``Meshes.dp`` is all data-parallel ranks as one dimension (the one DP
+dimension, or dp_replicate x dp_shard flattened for HSDP): the data stream and the loss average
+use it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from lathe.config import Parallelism
+
+logger = logging.getLogger("lathe")
+
+MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    world_size: int
+    loss_parallel_requested: bool = True
+
+    @classmethod
+    def from_config(cls, p: Parallelism, world_size: int) -> "ParallelDims":
+        """Resolve dp_shard = -1 to the ranks left over (the config validated the product)."""
+        others = p.dp_replicate * p.cp * p.tp * p.pp
+        dp_shard = p.dp_shard if p.dp_shard != -1 else world_size // others
+        return cls(p.dp_replicate, dp_shard, p.cp, p.tp, p.pp, world_size, p.loss_parallel)
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MESH_ORDER}
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_shard > 1
+
+    @property
+    def ddp_only(self) -> bool:
+        return self.dp_replicate > 1 and self.dp_shard == 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def loss_parallel(self) -> bool:
+        return self.tp > 1 and self.loss_parallel_requested
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that share one data-parallel copy of the batch (they see the same tokens)."""
+        return self.tp * self.pp * self.cp
+
+    def build_meshes(self, device_type: str) -> "Meshes":
+        dims = [(name, size) for name, size in self.degrees.items() if size > 1]
+        if not dims:
+            return Meshes(None, None, None, None)
+        names, sizes = zip(*dims)
+        logger.info("building a %d-D device mesh: %s", len(dims), " x ".join(f"{n} {s}" for n, s in dims))
+        world = init_device_mesh(device_type, sizes, mesh_dim_names=names)
+        dp_names = tuple(n for n in ("dp_replicate", "dp_shard") if n in names)
+        # The flattened mesh is kept here, not sliced from the world mesh again (torch deprecates
+        # slicing flattened dims). _flatten is private in torch 2.11-2.13; there is no public API.
+        dp = world[dp_names]._flatten(mesh_dim_name="dp") if dp_names else None
+        return Meshes(world=world, dp=dp, data_parallel=world[dp_names] if dp_names else None,
+                      tp=world["tp"] if "tp" in names else None)
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The world mesh and the sub-meshes each technique uses (None when that degree is 1)."""
+
+    world: DeviceMesh | None
+    dp: DeviceMesh | None  # all data-parallel ranks as one dimension: data sharding, loss average
+    data_parallel: DeviceMesh | None  # for FSDP/DDP: 1-D, or 2-D (dp_replicate, dp_shard) = HSDP
+    tp: DeviceMesh | None

@@ -1,0 +1,49 @@
+"""Data parallelism: FSDP2 (``fully_shard``), HSDP on a 2-D mesh, and DDP.
+
+FSDP shards every parameter on dim 0 across the dp_shard ranks. Each transformer block is its
+own unit: its parameters are all-gathered just before it runs and freed after (forward and
+backward), so only one block is ever whole in memory. The root unit holds the embeddings, final
+norm and output layer. HSDP is the same call on a 2-D mesh: shard within a group of ranks,
+replicate across groups (gradients are reduce-scattered in the group, all-reduced across).
+
+DDP (replicate only) keeps whole parameters on every rank and all-reduces gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+logger = logging.getLogger("lathe")
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+               pipeline_parallel: bool = False) -> None:
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # Resharding after forward frees the gathered weights until backward needs them again.
+        # Not for the last block (backward starts with it: FSDP would re-gather at once), and not
+        # under pipeline parallelism, where each micro-batch would re-gather every block.
+        reshard = not pipeline_parallel and i < len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not pipeline_parallel)
+    kind = "HSDP" if mesh.ndim == 2 else "FSDP"
+    logger.info("applied %s over %s ranks (params %s, reduce %s)", kind, mesh.size(), param_dtype, reduce_dtype)
+
+
+def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> None:
+    from torch.distributed._composable.replicate import replicate  # composable DDP
+
+    replicate(model, device_mesh=mesh, bucket_cap_mb=100)
+    logger.info("applied DDP over %d ranks", mesh.size())
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip the gradient reduction on all but the last micro-batch of an accumulation (FSDP)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
