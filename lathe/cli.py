@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from lathe.errors import ConfigError
@@ -21,14 +20,15 @@ USAGE = """usage: lathe COMMAND [options]
 commands:
   train        train a model (lathe train --help lists every option)
   tokenizer    tokenizer tools (lathe tokenizer train --help)
+  convert      lathe checkpoints <-> Hugging Face safetensors (lathe convert --help)
+  seed-checkpoint  write initial weights (step-0) on one process, then exit
   config-docs  print the config reference as Markdown (docs/config.md)
 """
 
 
 def setup_logging() -> None:
-    rank = os.environ.get("RANK")
-    prefix = f"[rank{rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(levelname)s %(message)s",
+    # No rank prefix here: torchrun's --tee (scripts/run_train.sh) prefixes each line with its rank.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout, force=True)
 
 
@@ -48,12 +48,17 @@ def cmd_train(argv: list[str]) -> int:
 
     from lathe.parallel import distributed
 
+    from lathe.checkpoint.preemption import EXIT_PREEMPTED, Preempted
+
     code = 0
     try:
         train(cfg)
     except TrainingError as e:
-        logging.getLogger("lathe").error("%s", e)
+        print(f"lathe: error: {e}", file=sys.stderr)
         code = EXIT_TRAINING_ERROR
+    except Preempted as e:
+        logging.getLogger("lathe").warning("%s (exit code %d)", e, EXIT_PREEMPTED)
+        code = EXIT_PREEMPTED
     if distributed.world_size() > 1:
         distributed.finish(code)  # tears down the process group and exits; see its docstring
     return code
@@ -87,6 +92,30 @@ def cmd_tokenizer(argv: list[str]) -> int:
     return 0
 
 
+def cmd_convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lathe convert", description="Hugging Face safetensors <-> lathe checkpoints")
+    parser.add_argument("direction", choices=("lathe-to-hf", "hf-to-lathe"))
+    parser.add_argument("source", help="a lathe step-N folder, or a Hugging Face model folder")
+    parser.add_argument("output", help="output folder")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="lathe-to-hf: dtype of the written weights")
+    args = parser.parse_args(argv)
+    setup_logging()
+    from lathe.checkpoint.hf import hf_to_lathe, lathe_to_hf
+
+    if args.direction == "lathe-to-hf":
+        out = lathe_to_hf(args.source, args.output, args.dtype)
+    else:
+        out = hf_to_lathe(args.source, args.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_seed_checkpoint(argv: list[str]) -> int:
+    """``lathe seed-checkpoint [train options]``: write step-0 weights on one process and exit."""
+    return cmd_train([*argv, "--checkpoint.enable_checkpoint", "--checkpoint.create_seed_checkpoint"])
+
+
 def cmd_config_docs(argv: list[str]) -> int:
     from lathe.config import markdown_reference
 
@@ -94,7 +123,8 @@ def cmd_config_docs(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "config-docs": cmd_config_docs}
+COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "convert": cmd_convert,
+            "seed-checkpoint": cmd_seed_checkpoint, "config-docs": cmd_config_docs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,9 @@ class Model:
     norm_type: str = opt("rmsnorm", "normalization layer",
                          ("rmsnorm", "layernorm", "np_layernorm", "fused_rmsnorm"))
     tokenizer_path: str = opt("", "tokenizer file; empty = lathe's bundled default tokenizer")
+    tokenizer_type: str = opt("auto", "tokenizer format; auto = inferred from the file",
+                              ("auto", "huggingface", "tiktoken", "sentencepiece"))
+    vocab_size: int = opt(0, "embedding rows; 0 = the tokenizer's vocabulary, larger pads it")
     rope_scaling: str = opt("none", "RoPE frequency scaling; llama3.1 = Llama 3.1 long-context scaling",
                             ("none", "llama3.1"))
 
@@ -89,7 +92,14 @@ class LRScheduler:
 @dataclass
 class Training:
     dataset: str = opt("lathe_corpus", "dataset name; lathe_corpus = the embedded default corpus")
-    dataset_path: Optional[str] = opt(None, "path overriding where the dataset is read from")
+    dataset_path: Optional[str] = opt(None, "local files/folder/glob or Hugging Face dataset path")
+    dataset_config: Optional[str] = opt(None, "Hugging Face dataset config name (e.g. en for C4)")
+    dataset_split: str = opt("train", "split to train on")
+    dataset_text_field: str = opt("text", "record field holding the document text")
+    dataset_mix: list = opt([], "weighted mix of sources, e.g. c4=0.7,/data/mine=0.3")
+    shuffle_buffer: int = opt(0, "shuffle documents within a buffer of this many; 0 = file order")
+    data_workers: int = opt(1, "background threads tokenizing and packing ahead; 0 = inline")
+    document_ids: bool = opt(False, "also emit per-token document ids and positions")
     batch_size: int = opt(8, "sequences per micro-batch per data-parallel rank")
     seq_len: int = opt(256, "tokens per sequence")
     steps: int = opt(300, "optimizer steps to train")
@@ -108,6 +118,16 @@ class Training:
     compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: fast to compile, for debugging)",
                                ("inductor", "aot_eager", "eager"))
     gc_freq: int = opt(50, "run Python's garbage collector every N steps (0 = automatic GC)")
+
+
+@dataclass
+class Validation:
+    enabled: bool = opt(False, "compute a validation loss during training")
+    freq: int = opt(100, "validate every N steps (and at the last step)")
+    steps: int = opt(10, "validation batches per run; -1 = the whole validation split")
+    dataset: Optional[str] = opt(None, "validation dataset; unset = the training dataset's held-out split")
+    dataset_path: Optional[str] = opt(None, "path of the validation dataset")
+    batch_size: int = opt(0, "validation batch per DP rank; 0 = training.batch_size")
 
 
 @dataclass
@@ -143,6 +163,9 @@ class Checkpoint:
                           ("disabled", "async", "async_with_pinned_mem"))
     keep_latest_k: int = opt(0, "keep only the newest k checkpoints; 0 keeps all")
     load_step: int = opt(-1, "step to resume from; -1 = the latest complete checkpoint")
+    initial_load_path: Optional[str] = opt(
+        None, "a step-N folder to start from when this run has no checkpoint yet (e.g. another run's)")
+    initial_load_model_only: bool = opt(True, "from initial_load_path, load model weights only (not optimizer, data, step)")
 
 
 @dataclass
@@ -201,6 +224,7 @@ class Config:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     training: Training = field(default_factory=Training)
+    validation: Validation = field(default_factory=Validation)
     parallelism: Parallelism = field(default_factory=Parallelism)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
@@ -233,13 +257,14 @@ ALIASES: dict[str, str] = {
 # Each entry says which lathe issue brings it.
 NOT_SUPPORTED_YET: dict[str, str] = {
     "model.norm_type=fused_rmsnorm": "use model.norm_type rmsnorm (the Triton fused kernel is not built)",
-    "checkpoint.enable_checkpoint": "distributed checkpoints arrive with the checkpointing work",
-    "checkpoint.create_seed_checkpoint": "seed checkpoints arrive with the checkpointing work",
     "float8.enable_float8_linear": "float8 training is not built yet",
     "experimental.enable_async_tensor_parallel": "async tensor parallel is not built yet",
     "experimental.enable_compiled_autograd": "compiled autograd is not built yet",
     "metrics.enable_wandb": "the W&B sink is not built yet; use metrics.enable_tensorboard or metrics.jsonl",
     "memory_estimation.enabled": "the memory estimator is not built yet",
+    "validation.enabled": "the validation loop is being built",
+    "training.dataset_mix": "dataset mixing is being built",
+    "training.document_ids": "document ids are being built",
 }
 
 
@@ -513,9 +538,9 @@ def help_text() -> str:
 
 
 def markdown_reference() -> str:
-    """docs/config.md, generated from the tree (see scripts/gen_config_docs.py)."""
+    """docs/config.md, generated from the tree (``lathe config-docs``)."""
     out = ["# Configuration reference", "",
-           "Generated from `lathe/config.py` by `python scripts/gen_config_docs.py`; do not edit by hand.",
+           "Generated from `lathe/config.py` by `lathe config-docs > docs/config.md`; do not edit by hand.",
            "", "Set options in a TOML file (`[section]` tables) or on the command line as",
            "`--section.key value`. Command line beats file beats default.", ""]
     current = None
@@ -626,6 +651,18 @@ def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> 
                      f"{m.name} {m.flavor} has {n} {what}, not divisible by tp", "pick a tp that divides it")
         _require(t.seq_len % p.tp == 0, "training.seq_len", t.seq_len,
                  f"not divisible by parallelism.tp={p.tp} (sequence parallel splits it)", "use a multiple of tp")
+    ck = cfg.checkpoint
+    _require(ck.interval >= 1, "checkpoint.interval", ck.interval, "must be >= 1", "e.g. 500")
+    _require(ck.keep_latest_k >= 0, "checkpoint.keep_latest_k", ck.keep_latest_k, "must be >= 0", "0 keeps all")
+    _require(ck.load_step >= -1, "checkpoint.load_step", ck.load_step, "must be -1 (latest) or a step", "e.g. -1")
+    if ck.create_seed_checkpoint:
+        _require(ck.enable_checkpoint, "checkpoint.create_seed_checkpoint", True,
+                 "needs checkpoint.enable_checkpoint", "add --checkpoint.enable_checkpoint")
+        _require(world_size == 1, "checkpoint.create_seed_checkpoint", True,
+                 f"must run on one process (got {world_size})", "launch with NGPU=1 and no parallel degrees")
+    if ck.initial_load_path is not None:
+        _require(Path(ck.initial_load_path, ".metadata").is_file(), "checkpoint.initial_load_path",
+                 ck.initial_load_path, "not a checkpoint folder (no .metadata inside)", "point it at a step-N folder")
     accum = t.gradient_accumulation_steps
     if t.global_batch_size:
         dp = p.dp_replicate * dp_shard

@@ -26,6 +26,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from lathe import config as config_lib
+from lathe.checkpoint.manager import CheckpointManager, TrainState
+from lathe.checkpoint.preemption import Preempted, PreemptionWatcher
 from lathe.config import Config
 from lathe.data.corpus import build_corpus, iter_documents
 from lathe.data.stream import PackedStream
@@ -134,12 +136,19 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss over every position of the batch."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
+    """Mean next-token loss over every position of the batch.
+
+    The per-token losses are summed in float64: a float32 sum of many terms depends on memory
+    alignment on CPU (vectorized head/tail handling), so the same batch could report a loss that
+    differs in the last bit after a restart. The gradient (1/N per token) is unaffected either way.
+    """
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), reduction="none")
+    return (per_token.double().sum() / per_token.numel()).float()
 
 
 class NonFiniteGuard:
-    """Remembers the first step whose loss was NaN or infinite, without a device sync per step.
+    """Remembers the first step whose loss or gradient norm was NaN or infinite, without a device
+    sync per step.
 
     ``record`` only queues tensor ops; ``check`` (at log steps and at the end) reads the result
     and raises. On a GPU this keeps the CPU running ahead of the device.
@@ -148,14 +157,14 @@ class NonFiniteGuard:
     def __init__(self, device: torch.device):
         self.first_bad = torch.zeros((), dtype=torch.long, device=device)
 
-    def record(self, step: int, loss: torch.Tensor) -> None:
-        bad = ~torch.isfinite(loss) & (self.first_bad == 0)
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first_bad == 0)
         self.first_bad = torch.where(bad, step, self.first_bad)
 
     def check(self) -> None:
         step = int(self.first_bad.item())
         if step:
-            raise TrainingError(f"loss became non-finite (NaN or inf) at step {step}; stopping. "
+            raise TrainingError(f"loss or gradient became non-finite (NaN or inf) at step {step}; stopping. "
                                 "Lower optimizer.lr, raise lr_scheduler.warmup_steps, or keep "
                                 "training.max_norm > 0 to clip gradients")
 
@@ -182,7 +191,9 @@ def train(cfg: Config) -> TrainResult:
         gc.disable()  # collect on our schedule, the same step on every rank
 
     device = pick_device(cfg)
-    distributed.init(device, cfg.comm.init_timeout_seconds)
+    ck = cfg.checkpoint
+    own_group = distributed.init(device, cfg.comm.init_timeout_seconds,
+                                 single_process_group=ck.enable_checkpoint and ck.async_mode == "async_with_pinned_mem")
     dims = ParallelDims.from_config(cfg.parallelism, world_size)
     meshes = dims.build_meshes(device.type)
     dp_rank = meshes.dp.get_local_rank() if meshes.dp is not None else 0
@@ -208,6 +219,14 @@ def train(cfg: Config) -> TrainResult:
     optimizers = Optimizers([model], cfg.optimizer)
     schedules = LRSchedules(optimizers, t.steps, cfg.lr_scheduler)
     accum = config_lib.accumulation_steps(cfg, dp_degree)
+    train_state = TrainState()
+    checkpointer = CheckpointManager(cfg.checkpoint, dump_folder, [model], optimizers, schedules, data,
+                                     train_state, args)
+    if cfg.checkpoint.create_seed_checkpoint:
+        checkpointer.save(0, last_step=True, weights_only=True)
+        logger.info("seed checkpoint written to %s", checkpointer.folder / "step-0")
+        return TrainResult(dump_folder=dump_folder, model=model)
+    checkpointer.load()
 
     metrics = MetricsProcessor(
         log_freq=cfg.metrics.log_freq, device=device, flops_per_token=flops, dump_folder=dump_folder,
@@ -215,75 +234,120 @@ def train(cfg: Config) -> TrainResult:
         tb_folder=cfg.metrics.save_tb_folder, is_logging_rank=is_logging_rank,
         model_parallel_size=dims.model_parallel_size,
         reduce_fn=make_dist_reduce_fn(meshes.dp.get_group()) if meshes.dp is not None else None)
+    metrics.tokens_seen = train_state.tokens_seen // dp_degree
     guard = NonFiniteGuard(device)
-    autocast = (torch.autocast(device.type, dtype=DTYPES[t.autocast_dtype])
-                if t.autocast_dtype != "none" else contextlib.nullcontext())
-    # Loss parallel: cross-entropy on vocabulary-sharded logits; forward and backward inside it.
-    loss_context = loss_parallel if dims.loss_parallel else contextlib.nullcontext
+    step_fn = StepRunner(model, optimizers, schedules, data, metrics, device, accum, cfg, dims)
     result = TrainResult(dump_folder=dump_folder, model=model)
     tokens_per_step = t.batch_size * t.seq_len * accum * dp_degree
-    logger.info("training %d steps: batch %d x accumulation %d x DP %d = %d sequences of %d tokens "
-                "(%s tokens per step), warmup %d, on %s", t.steps, t.batch_size, accum, dp_degree,
-                t.batch_size * accum * dp_degree, t.seq_len, f"{tokens_per_step:,}",
+    logger.info("training steps %d to %d: batch %d x accumulation %d x DP %d = %d sequences of %d tokens "
+                "(%s tokens per step), warmup %d, on %s", train_state.step + 1, t.steps, t.batch_size, accum,
+                dp_degree, t.batch_size * accum * dp_degree, t.seq_len, f"{tokens_per_step:,}",
                 cfg.lr_scheduler.warmup_steps, device)
 
     prof = cfg.profiling
-    data_iter = iter(data)
-    step_losses: list[torch.Tensor] = []
+    step_losses: dict[int, torch.Tensor] = {}
+    first_step = train_state.step + 1  # collective timeouts tighten once it is done
     try:
         with maybe_profile(prof.enable_profiling, dump_folder / prof.save_traces_folder,
-                           prof.profile_freq) as profiler, \
+                           prof.profile_freq, global_step=train_state.step) as profiler, \
              maybe_memory_snapshot(prof.enable_memory_snapshot, dump_folder / prof.save_memory_snapshot_folder,
-                                   prof.profile_freq) as snapshotter:
-            for step in range(1, t.steps + 1):
+                                   prof.profile_freq, global_step=train_state.step) as snapshotter, \
+             preemption_watch(checkpointer.enabled) as preemption:
+            for step in range(first_step, t.steps + 1):
                 if t.gc_freq and step % t.gc_freq == 0:
                     gc.collect(1)
-                optimizers.zero_grad()
-                loss = torch.zeros((), device=device)
-                ntokens = 0
-                for micro in range(accum):
-                    set_gradient_sync(model, micro == accum - 1)
-                    start = time.perf_counter()
-                    inputs, labels = next(data_iter)
-                    metrics.data_loading_time(time.perf_counter() - start)
-                    inputs = inputs.to(device, non_blocking=True)
-                    labels = labels.to(device, non_blocking=True)
-                    ntokens += labels.numel()
-                    with loss_context():
-                        with autocast:
-                            logits = model(inputs)
-                            micro_loss = cross_entropy(logits, labels) / accum
-                        del logits  # free the largest activation before backward allocates gradients
-                        micro_loss.backward()
-                    detached = micro_loss.detach()
-                    # under loss parallel the loss is a replicated DTensor: every rank has it whole
-                    loss += detached.full_tensor() if isinstance(detached, DTensor) else detached
-
-                max_norm = t.max_norm if t.max_norm > 0 else float("inf")
-                grad_norm = clip_grad_norm(model.parameters(), max_norm)
-                guard.record(step, loss)
-                lr = optimizers.lr
-                optimizers.step()
-                schedules.step()
-
-                step_losses.append(loss)
-                logged = metrics.step(step, loss, ntokens, lr, grad_norm)
+                loss = step_fn.run(step)
+                guard.record(step, loss, step_fn.grad_norm)
+                step_losses[step] = loss
+                train_state.step = step
+                train_state.tokens_seen += tokens_per_step
+                logged = metrics.step(step, loss, step_fn.ntokens, step_fn.lr, step_fn.grad_norm)
+                if logged is not None:
+                    train_state.loss_log.append([step, logged["loss"]])
                 if logged is not None or step == t.steps:
                     guard.check()
-                if step == 1:
+                if step == first_step:
                     distributed.set_train_timeout(cfg.comm.train_timeout_seconds)
+
+                last = step == t.steps
+                preempted = preemption is not None and checkpointer.agree(preemption.requested)
+                if preempted or checkpointer.should_save(step, last):
+                    guard.check()  # never checkpoint a diverged model
+                    checkpointer.save(step, last_step=last or preempted,
+                                      weights_only=last and cfg.checkpoint.model_weights_only)
+                if preempted:
+                    raise Preempted(step)
                 if profiler is not None:
                     profiler.step()
                 if snapshotter is not None:
                     snapshotter.step()
+        checkpointer.close()
     finally:
         metrics.close()
+        close = getattr(data, "close", None)
+        if close is not None:
+            close()
         if t.gc_freq:
             gc.enable()
+        if own_group:
+            torch.distributed.destroy_process_group()
 
-    result.losses = {i + 1: v for i, v in enumerate(torch.stack(step_losses).tolist())}
-    result.steps = t.steps
-    result.tokens = t.steps * tokens_per_step
+    result.losses = dict(zip(step_losses, torch.stack(list(step_losses.values())).tolist())) if step_losses else {}
+    result.steps = train_state.step
+    result.tokens = train_state.tokens_seen
     logger.info("training completed: %d steps, %s tokens, metrics in %s", result.steps,
                 f"{result.tokens:,}", dump_folder / "metrics.jsonl")
     return result
+
+
+@contextlib.contextmanager
+def preemption_watch(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    with PreemptionWatcher() as watcher:
+        yield watcher
+
+
+class StepRunner:
+    """One optimizer step: micro-batches (forward, loss, backward), clipping, optimizer, schedule."""
+
+    def __init__(self, model, optimizers, schedules, data, metrics, device, accum, cfg: Config,
+                 dims: ParallelDims):
+        self.model, self.optimizers, self.schedules = model, optimizers, schedules
+        self.data_iter = iter(data)
+        self.metrics, self.device, self.accum = metrics, device, accum
+        self.max_norm = cfg.training.max_norm if cfg.training.max_norm > 0 else float("inf")
+        dtype = cfg.training.autocast_dtype
+        self.autocast = (lambda: torch.autocast(device.type, dtype=DTYPES[dtype])) if dtype != "none" \
+            else contextlib.nullcontext
+        # Loss parallel: cross-entropy on vocabulary-sharded logits; forward and backward inside it.
+        self.loss_context = loss_parallel if dims.loss_parallel else contextlib.nullcontext
+        self.ntokens, self.lr, self.grad_norm = 0, 0.0, None
+
+    def run(self, step: int) -> torch.Tensor:
+        self.optimizers.zero_grad()
+        loss = torch.zeros((), device=self.device)
+        self.ntokens = 0
+        for micro in range(self.accum):
+            set_gradient_sync(self.model, micro == self.accum - 1)  # reduce grads once, at the end
+            start = time.perf_counter()
+            inputs, labels = next(self.data_iter)[:2]
+            self.metrics.data_loading_time(time.perf_counter() - start)
+            inputs = inputs.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            self.ntokens += labels.numel()
+            with self.loss_context():
+                with self.autocast():
+                    logits = self.model(inputs)
+                    micro_loss = cross_entropy(logits, labels) / self.accum
+                del logits  # free the largest activation before backward allocates gradients
+                micro_loss.backward()
+            detached = micro_loss.detach()
+            # under loss parallel the loss is a replicated DTensor: every rank has it whole
+            loss += detached.full_tensor() if isinstance(detached, DTensor) else detached
+        self.grad_norm = clip_grad_norm(self.model.parameters(), self.max_norm)
+        self.lr = self.optimizers.lr
+        self.optimizers.step()
+        self.schedules.step()
+        return loss

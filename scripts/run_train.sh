@@ -13,6 +13,8 @@ if [ -z "${NGPU:-}" ]; then
 fi
 CONFIG_FILE=${CONFIG_FILE:-"$here/../configs/debug_model.toml"}
 LOG_RANK=${LOG_RANK:-0}
+# Works from a checkout without `pip install -e .` too.
+export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"
 
 exec torchrun --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \

@@ -7,6 +7,7 @@ object collectives use), gloo on CPU-only machines.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from datetime import timedelta
 
@@ -22,13 +23,25 @@ def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-def init(device: torch.device, init_timeout_s: int) -> None:
-    """Join the process group torchrun describes (no-op for a single process)."""
-    if world_size() == 1 or dist.is_initialized():
-        return
+def init(device: torch.device, init_timeout_s: int, single_process_group: bool = False) -> bool:
+    """Join the process group torchrun describes. A single process gets none, unless
+    ``single_process_group`` (DCP's process-based async writer needs one): then a 1-rank gloo
+    group is created and True returned, so the caller can destroy it when done."""
+    if dist.is_initialized():
+        return False
+    if world_size() == 1:
+        if not single_process_group:
+            return False
+        with socket.socket() as s:  # a free local port for the 1-rank store
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                timeout=timedelta(seconds=init_timeout_s))
+        return True
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=init_timeout_s), **kwargs)
+    return False
 
 
 def set_train_timeout(seconds: int) -> None:

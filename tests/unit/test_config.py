@@ -142,8 +142,8 @@ def test_unknown_keys_name_the_closest_valid_key(tmp_path):
 def test_not_supported_yet_is_refused_not_ignored(tmp_path):
     with pytest.raises(ConfigError, match="not supported yet"):
         load_config(["--float8.enable_float8_linear"])
-    path = write(tmp_path, "[checkpoint]\nenable_checkpoint = true\n")
-    with pytest.raises(ConfigError, match="checkpoint.enable_checkpoint.*not supported yet"):
+    path = write(tmp_path, "[experimental]\nenable_compiled_autograd = true\n")
+    with pytest.raises(ConfigError, match="experimental.enable_compiled_autograd.*not supported yet"):
         load_config(["--config", path])
     with pytest.raises(ConfigError, match="not supported yet"):
         load_config(["--model.norm_type", "fused_rmsnorm"])

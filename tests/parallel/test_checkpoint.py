@@ -1,0 +1,254 @@
+"""Distributed checkpoints: exact resume, elastic resume, crash safety, async modes, preemption,
+retention, seed checkpoints, weights-only export and Hugging Face conversion.
+
+Runs: 6 steps of the tiny Llama with a checkpoint every 3 steps. "Resume" removes step-6 and runs
+again: it must load step-3 and reproduce steps 4-6. Same layout: bitwise equal losses (fp32, CPU).
+Different layout: within 1e-5 relative (sums reduce in another order).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lathe.checkpoint.manager import complete_steps
+from lathe.config import load_config
+from lathe.errors import ConfigError
+from lathe.trainer import train
+
+HERE = Path(__file__).parent
+BASE = ["--model.flavor", "tiny", "--training.seq_len", "32", "--optimizer.lr", "1e-3",
+        "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1", "--training.mixed_precision_param",
+        "float32", "--checkpoint.enable_checkpoint", "--checkpoint.interval", "3"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_local(folder, *extra, steps=6, batch=2):
+    cfg, _ = load_config([*BASE, "--training.steps", str(steps), "--training.batch_size", str(batch),
+                          "--job.dump_folder", str(folder), *extra])
+    return train(cfg).losses
+
+
+def run_torchrun(nproc, folder, *extra, steps=6, batch=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=localhost:0", str(HERE / "worker.py"), *BASE, "--training.steps", str(steps),
+           "--training.batch_size", str(batch), "--job.dump_folder", str(folder), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return torch.load(Path(folder) / "result.pt", weights_only=True)["losses"]
+
+
+def drop_latest(folder):
+    shutil.rmtree(Path(folder) / "checkpoint" / "step-6")
+
+
+def logged_losses(folder):
+    lines = [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+# --- exact resume ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["disabled", "async"])
+def test_exact_resume_single_process(tmp_path, mode):
+    straight = run_local(tmp_path, "--checkpoint.async_mode", mode)
+    assert complete_steps(tmp_path / "checkpoint") == [3, 6]
+    drop_latest(tmp_path)
+    resumed = run_local(tmp_path, "--checkpoint.async_mode", mode)
+    assert sorted(resumed) == [4, 5, 6]  # it really started from step 3
+    assert all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
+
+
+@pytest.mark.parametrize("name,nproc,layout", [
+    ("fsdp2", 2, ["--parallelism.dp_shard", "2"]),
+    ("tp2", 2, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1"]),
+    ("fsdp2xtp2", 4, ["--parallelism.dp_shard", "2", "--parallelism.tp", "2"]),
+])
+def test_exact_resume_distributed(tmp_path, name, nproc, layout):
+    straight = run_torchrun(nproc, tmp_path, *layout)
+    drop_latest(tmp_path)
+    (tmp_path / "metrics.jsonl").unlink()
+    resumed = run_torchrun(nproc, tmp_path, *layout)
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
+
+
+def test_elastic_resume_fsdp4_to_fsdp2_and_to_one_process(tmp_path):
+    """Global batch 8 throughout: FSDP x4 with 2 per rank, then FSDP x2 with 4, then 1 x 8."""
+    straight = run_torchrun(4, tmp_path / "a", "--parallelism.dp_shard", "4", batch=2)
+    drop_latest(tmp_path / "a")
+    shutil.copytree(tmp_path / "a" / "checkpoint", tmp_path / "b" / "checkpoint")
+    (tmp_path / "a" / "metrics.jsonl").unlink()
+    fsdp2 = run_torchrun(2, tmp_path / "a", "--parallelism.dp_shard", "2", batch=4)
+    single = run_local(tmp_path / "b", batch=8)
+    for resumed in (fsdp2, single):
+        assert sorted(resumed) == [4, 5, 6]
+        for s in resumed:
+            assert resumed[s] == pytest.approx(straight[s], rel=1e-5)
+
+
+# --- crash safety ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("point,mode", [("dcp_write", "disabled"), ("before_commit", "disabled"),
+                                        ("dcp_write", "async")])
+def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path, point, mode):
+    straight = run_local(tmp_path / "ref")
+    folder = tmp_path / "crash"
+    cmd = [sys.executable, str(HERE / "crash_worker.py"), point, "2", *BASE, "--training.steps", "6",
+           "--training.batch_size", "2", "--job.dump_folder", str(folder), "--checkpoint.async_mode", mode]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 9, proc.stdout[-2000:] + proc.stderr[-3000:]  # killed in the 2nd save
+    assert complete_steps(folder / "checkpoint") == [3]
+    assert any(".partial-" in p.name for p in (folder / "checkpoint").iterdir())
+    resumed = run_local(folder)
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[s] == straight[s] for s in resumed)
+    assert complete_steps(folder / "checkpoint") == [3, 6]
+    assert not any(".partial-" in p.name for p in (folder / "checkpoint").iterdir())
+
+
+# --- async with a separate writer process -------------------------------------------------------
+
+def test_async_with_pinned_mem_saves_in_a_separate_process_and_resumes(tmp_path):
+    straight = run_local(tmp_path / "ref")
+    folder = tmp_path / "proc"
+    cmd = [sys.executable, "-m", "lathe", "train", *BASE, "--training.steps", "6", "--training.batch_size", "2",
+           "--job.dump_folder", str(folder), "--checkpoint.async_mode", "async_with_pinned_mem"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "writing in the background (async_with_pinned_mem)" in proc.stdout
+    drop_latest(folder)
+    resumed = run_local(folder)
+    assert all(resumed[s] == straight[s] for s in resumed) and sorted(resumed) == [4, 5, 6]
+
+
+# --- preemption --------------------------------------------------------------------------------
+
+def test_sigterm_saves_current_step_and_exits_75_then_resumes_exactly(tmp_path):
+    steps = 40
+    straight = run_local(tmp_path / "ref", "--checkpoint.interval", "1000", steps=steps)
+    folder = tmp_path / "pre"
+    cmd = [sys.executable, "-m", "lathe", "train", *BASE, "--training.steps", str(steps), "--training.batch_size",
+           "2", "--job.dump_folder", str(folder), "--checkpoint.interval", "1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = folder / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count('"loss"') >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:]
+    saved = complete_steps(folder / "checkpoint")
+    assert len(saved) == 1 and 3 <= saved[0] < steps, saved
+    resumed = run_local(folder, "--checkpoint.interval", "1000", steps=steps)
+    assert min(resumed) == saved[0] + 1
+    assert all(resumed[s] == straight[s] for s in resumed), [(s, resumed[s], straight[s]) for s in resumed if resumed[s] != straight[s]]
+
+
+# --- retention, seed checkpoint, export --------------------------------------------------------
+
+def test_keep_latest_k(tmp_path):
+    run_local(tmp_path, "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "2", steps=5)
+    assert complete_steps(tmp_path / "checkpoint") == [4, 5]
+
+
+def test_seed_checkpoint_is_model_only_and_used_by_a_parallel_run(tmp_path):
+    cfg, _ = load_config([*BASE, "--training.steps", "6", "--job.dump_folder", str(tmp_path),
+                          "--checkpoint.create_seed_checkpoint", "--training.seed", "7"])
+    train(cfg)
+    meta = json.loads((tmp_path / "checkpoint" / "step-0" / "train_state.json").read_text())
+    assert meta["contents"] == ["model"]
+    from_seed = run_torchrun(2, tmp_path, "--parallelism.dp_shard", "2", batch=1)  # seed 42, loads step-0
+    with_seed7 = run_local(tmp_path / "ref", "--training.seed", "7", "--no-checkpoint.enable_checkpoint", batch=2)
+    without = run_local(tmp_path / "ref42", "--no-checkpoint.enable_checkpoint", batch=2)
+    assert from_seed[1] == pytest.approx(with_seed7[1], rel=1e-5)  # the seed checkpoint's weights
+    assert from_seed[1] != pytest.approx(without[1], rel=1e-5)
+
+
+def test_weights_only_final_export_in_bf16(tmp_path):
+    run_local(tmp_path, "--checkpoint.model_weights_only", "--checkpoint.export_dtype", "bfloat16", steps=3)
+    final = tmp_path / "checkpoint" / "step-3"
+    meta = json.loads((final / "train_state.json").read_text())
+    assert meta["contents"] == ["model"]
+    from lathe.checkpoint.hf import load_lathe_weights
+
+    # loading converts into the model's fp32 tensors; the stored data was bf16
+    md = torch.distributed.checkpoint.FileSystemReader(str(final)).read_metadata()
+    dtypes = {m.properties.dtype for k, m in md.state_dict_metadata.items() if k.startswith("model.")}
+    assert dtypes == {torch.bfloat16}
+    args, weights = load_lathe_weights(final)
+    assert "layers.0.attention.wq.weight" in weights
+
+
+# --- Hugging Face conversion -------------------------------------------------------------------
+
+def test_hf_round_trip_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lathe.checkpoint.hf import hf_to_lathe, lathe_to_hf, load_lathe_weights
+    from lathe.models.llama import Transformer
+
+    run_local(tmp_path, steps=3)
+    ckpt = tmp_path / "checkpoint" / "step-3"
+    args, weights = load_lathe_weights(ckpt)
+    ours = Transformer(args)
+    ours.load_state_dict(weights)
+    ours.init_rope("cpu")
+    tokens = torch.randint(0, args.vocab_size, (2, 32))
+    with torch.no_grad():
+        expected = ours(tokens)
+    lathe_to_hf(ckpt, tmp_path / "hf")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+    back = hf_to_lathe(tmp_path / "hf", tmp_path / "back")
+    args2, weights2 = load_lathe_weights(back)
+    assert args2.ffn_hidden_dim == args.ffn_hidden_dim and args2.kv_heads == args.kv_heads
+    again = Transformer(args2)
+    again.load_state_dict(weights2)
+    again.init_rope("cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens), expected, atol=1e-5, rtol=1e-5)
+    # and a run can start from the converted weights
+    losses = run_local(tmp_path / "fromhf", "--checkpoint.initial_load_path", str(back), steps=1)
+    assert 1 in losses
+
+
+def test_convert_cli(tmp_path):
+    run_local(tmp_path, steps=1, )
+    out = subprocess.run([sys.executable, "-m", "lathe", "convert", "lathe-to-hf", str(tmp_path / "checkpoint" / "step-1"),
+                          str(tmp_path / "hf"), "--dtype", "bfloat16"], capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    run_local(tmp_path, steps=3)
+    with pytest.raises(ConfigError, match="holds a different model"):
+        run_local(tmp_path, "--model.flavor", "debugmodel", steps=4)
+
+
+def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
+    run_local(tmp_path, steps=3)
+    shard = next((tmp_path / "checkpoint" / "step-3").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ConfigError, match="cannot load .*step-3"):
+        run_local(tmp_path, steps=4)
+
+
+def test_missing_load_step_and_initial_path(tmp_path):
+    run_local(tmp_path, steps=3)
+    with pytest.raises(ConfigError, match="no complete checkpoint step-2"):
+        run_local(tmp_path, "--checkpoint.load_step", "2", steps=4)
+    with pytest.raises(ConfigError, match="initial_load_path"):
+        run_local(tmp_path / "x", "--checkpoint.initial_load_path", str(tmp_path / "nope"))
