@@ -71,7 +71,17 @@ def cmd_tokenizer(argv: list[str]) -> int:
     tr.add_argument("files", nargs="*", help="text or jsonl files; default: the embedded corpus")
     tr.add_argument("--vocab-size", type=int, default=4096)
     tr.add_argument("--output", required=True, help="where to write tokenizer.json")
+    dl = sub.add_parser("download", help="fetch a tokenizer file from the Hugging Face Hub")
+    dl.add_argument("repo_id", help="e.g. meta-llama/Meta-Llama-3.1-8B")
+    dl.add_argument("--filename", default="tokenizer.json", help="Llama 3: original/tokenizer.model")
+    dl.add_argument("--local-dir", default="tokenizers")
+    dl.add_argument("--hf-token", default=None, help="default: $HF_TOKEN or the saved login")
     args = parser.parse_args(argv)
+    if args.action == "download":
+        from lathe.data.tokenizer import download_tokenizer
+
+        print(f"wrote {download_tokenizer(args.repo_id, args.filename, args.local_dir, args.hf_token)}")
+        return 0
     from pathlib import Path
 
     from lathe.data.corpus import build_corpus
@@ -141,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"lathe: error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except BrokenPipeError:  # e.g. `lathe train --help | head`
+        return 0
 
 
 if __name__ == "__main__":

@@ -139,8 +139,10 @@ class Parallelism:
     cp: int = opt(1, "context-parallel degree")
     loss_parallel: bool = opt(True, "with tp > 1, compute the loss on vocab-sharded logits")
     pp_split_points: list = opt([], "module names that start each pipeline stage, e.g. layers.4")
-    pp_schedule: str = opt("1f1b", "pipeline schedule name")
-    pp_microbatches: int = opt(0, "pipeline micro-batches; 0 = the number of stages")
+    pp_schedule: str = opt("1f1b", "pipeline schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, "
+                           "InterleavedZeroBubble, ZBVZeroBubble, DualPipeV (or torchtitan's names)")
+    pp_stages_per_rank: int = opt(0, "pipeline stages per rank without split points; 0 = 1, or 2 for multi-stage schedules")
+    pp_microbatches: int = opt(0, "pipeline micro-batches per batch; 0 = the number of stages")
 
 
 @dataclass
@@ -262,9 +264,6 @@ NOT_SUPPORTED_YET: dict[str, str] = {
     "experimental.enable_compiled_autograd": "compiled autograd is not built yet",
     "metrics.enable_wandb": "the W&B sink is not built yet; use metrics.enable_tensorboard or metrics.jsonl",
     "memory_estimation.enabled": "the memory estimator is not built yet",
-    "validation.enabled": "the validation loop is being built",
-    "training.dataset_mix": "dataset mixing is being built",
-    "training.document_ids": "document ids are being built",
 }
 
 
@@ -564,7 +563,9 @@ def markdown_reference() -> str:
 # ---------------------------------------------------------------------------------------------
 # Validation: everything that can be checked before a process group or a model exists.
 
-DATASETS = ("lathe_corpus",)
+# Dataset names (training.dataset). Besides these, a local path or a Hugging Face id ("org/name")
+# works; see lathe/data/sources.py and docs/data.md.
+DATASETS = ("lathe_corpus", "c4", "fineweb", "fineweb_edu", "local", "huggingface")
 
 
 def default_tokenizer_path() -> Path:
@@ -592,14 +593,15 @@ def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> 
         fix = f"did you mean '{close[0]}'?" if close else f"{m.name} flavors: {', '.join(spec.flavors)}"
         raise ConfigError("model.flavor", f"no such {m.name} flavor", fix, m.flavor)
     tok = tokenizer_path(cfg)
-    _require(tok.is_file(), "model.tokenizer_path", str(tok), "file not found",
-             "point it at a tokenizer.json, or leave it empty for lathe's default tokenizer")
-    _require(t.dataset in DATASETS, "training.dataset", t.dataset,
-             "not supported yet (Hugging Face and local datasets come with the data work)",
-             f"available: {', '.join(DATASETS)}")
-    if t.dataset_path is not None:
-        _require(Path(t.dataset_path).is_dir(), "training.dataset_path", t.dataset_path,
-                 "folder not found", "for lathe_corpus it is the corpus cache folder; leave unset for the default")
+    _require(tok.is_file() or (tok.is_dir() and any((tok / n).is_file() for n in (
+             "tokenizer.json", "tokenizer.model", "original/tokenizer.model"))), "model.tokenizer_path", str(tok),
+             "file not found", "point it at a tokenizer.json or tokenizer.model (`lathe tokenizer download` "
+             "fetches one), or leave it empty for lathe's default tokenizer")
+    # Dataset names, paths, mix entries, validation options: everything checkable without reading
+    # the data (reading a few records happens when the data is built, still before training).
+    from lathe.data.sources import check_data_config  # late import: the config module stays light
+
+    check_data_config(cfg)
     for key, value, low in (("training.batch_size", t.batch_size, 1), ("training.steps", t.steps, 1),
                             ("training.seq_len", t.seq_len, 2), ("metrics.log_freq", cfg.metrics.log_freq, 1),
                             ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
@@ -639,7 +641,8 @@ def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> 
     _require(product == world_size, "parallelism", f"dp_replicate {p.dp_replicate} x dp_shard {dp_shard} x "
              f"tp {p.tp} x pp {p.pp} x cp {p.cp} = {product}", f"must equal the number of processes ({world_size})",
              "change the degrees or the launch size")
-    _require(p.pp == 1, "parallelism.pp", p.pp, "not supported yet (pipeline parallelism is being built)", "use 1")
+    if p.pp > 1:
+        _check_pipeline(cfg, spec.flavors[m.flavor].n_layers, dp_shard)
     _require(p.cp == 1, "parallelism.cp", p.cp, "not supported yet (context parallelism is being built)", "use 1")
     if p.tp > 1:
         _require(p.dp_replicate == 1 or dp_shard > 1, "parallelism.dp_replicate", p.dp_replicate,
@@ -673,6 +676,43 @@ def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> 
         derived = t.global_batch_size // per_step
         _require(accum in (1, derived), "training.gradient_accumulation_steps", accum,
                  f"contradicts training.global_batch_size (which implies {derived})", "set only one of the two")
+
+
+def _check_pipeline(cfg: Config, n_layers: int, dp_shard: int) -> None:
+    from lathe.parallel import pipeline as pl  # late import: torch.distributed.pipelining
+
+    p, t = cfg.parallelism, cfg.training
+    cls = pl.schedule_class(p.pp_schedule)
+    _require(not (p.dp_replicate > 1 and dp_shard == 1), "parallelism.dp_replicate", p.dp_replicate,
+             "DDP (replicate without shard) does not compose with pipeline parallel", "use FSDP or HSDP")
+    if p.pp_split_points:
+        num_stages = len(p.pp_split_points) + 1
+        pl.layer_ranges_from_split_points(p.pp_split_points, n_layers, num_stages)
+    else:
+        num_stages = p.pp * pl.stages_per_rank(cls, p.pp_stages_per_rank)
+    _require(num_stages % p.pp == 0, "parallelism.pp_split_points", p.pp_split_points,
+             f"{num_stages} stages cannot be spread evenly over pp={p.pp} ranks", "use a multiple of pp stages")
+    per_rank = num_stages // p.pp
+    if pl.is_multi_stage(cls):
+        _require(per_rank >= 2 if pl.is_v_shaped(cls) else per_rank >= 1, "parallelism.pp_schedule", p.pp_schedule,
+                 "needs 2 stages per rank", "add split points or set parallelism.pp_stages_per_rank 2")
+        if pl.is_v_shaped(cls):
+            _require(per_rank == 2, "parallelism.pp_schedule", p.pp_schedule,
+                     f"V-shaped schedules take exactly 2 stages per rank (got {per_rank})", "use 2 stages per rank")
+    else:
+        _require(per_rank == 1, "parallelism.pp_schedule", p.pp_schedule,
+                 f"runs one stage per rank, but there are {per_rank}",
+                 "pick a multi-stage schedule (Interleaved1F1B, LoopedBFS, ...) or fewer stages")
+    _require(num_stages <= n_layers, "parallelism.pp", p.pp, f"{num_stages} stages for {n_layers} blocks",
+             "use fewer stages than blocks")
+    micro = p.pp_microbatches or num_stages
+    if cls.__name__ in ("Schedule1F1B", "ScheduleDualPipeV"):
+        _require(micro >= num_stages, "parallelism.pp_microbatches", micro,
+                 f"{p.pp_schedule} needs at least as many micro-batches as stages ({num_stages})",
+                 f"set it to {num_stages} or more (and training.batch_size a multiple of it)")
+    _require(t.batch_size % micro == 0, "parallelism.pp_microbatches", micro,
+             f"training.batch_size {t.batch_size} does not split into {micro} micro-batches",
+             "make batch_size a multiple of the micro-batch count")
 
 
 def accumulation_steps(cfg: Config, dp_degree: int) -> int:

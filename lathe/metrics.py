@@ -566,6 +566,9 @@ TENSORBOARD_TAGS: dict[str, str] = {
     "lr": "optim/lr",
     "grad_norm": "optim/grad_norm",
     "tokens_seen": "tokens_seen",
+    "val_loss": "validation/loss",
+    "val_perplexity": "validation/perplexity",
+    "val_tokens": "validation/tokens",
 }
 
 
@@ -824,6 +827,18 @@ class MetricsProcessor:
 
         self._reset_window()
         return metrics
+
+    def log_validation(self, step: int, values: dict[str, Any]) -> None:
+        """Validation results: one console line, and the same sinks as training metrics."""
+        if not self.is_logging_rank:
+            return
+        logger.info("validation step %d: loss %.4f  perplexity %.2f  (%s tokens)", step, values["val_loss"],
+                    values["val_perplexity"], f"{values['val_tokens']:,}")
+        record = {"step": step, **values}
+        if self.jsonl is not None:
+            self.jsonl.log(record)
+        if self.tensorboard is not None:
+            self.tensorboard.log(record, step)
 
     def close(self) -> None:
         if self.jsonl is not None:

@@ -4,7 +4,8 @@ Read ``train`` first: each stage is one call into the module that does the work.
 
     config -> validate -> device, seed -> tokenizer -> data stream -> model on meta
       -> parallelize (TP, AC, compile, FSDP/DDP) -> materialize + init -> optimizer + LR schedule
-      -> loop: micro-batches (forward, backward) -> clip -> step -> metrics -> profiler
+      -> loop: micro-batches (forward, backward) -> clip -> step -> metrics -> validation
+               -> checkpoint -> profiler
       -> close
 """
 
@@ -29,9 +30,8 @@ from lathe import config as config_lib
 from lathe.checkpoint.manager import CheckpointManager, TrainState
 from lathe.checkpoint.preemption import Preempted, PreemptionWatcher
 from lathe.config import Config
-from lathe.data.corpus import build_corpus, iter_documents
-from lathe.data.stream import PackedStream
-from lathe.data.tokenizer import Tokenizer, load_tokenizer
+from lathe.data import build_tokenizer, build_train_data, resolve_vocab_size
+from lathe.evaluation import Validator
 from lathe.metrics import MetricsProcessor, make_dist_reduce_fn
 from lathe.models import MODELS
 from lathe.models.llama import ModelArgs, flops_per_token, num_params
@@ -42,6 +42,17 @@ from lathe.parallel.compile import apply_compile
 from lathe.parallel.dims import Meshes, ParallelDims
 from lathe.parallel.fsdp import apply_ddp, apply_fsdp, set_gradient_sync
 from lathe.parallel.init import init_model_parts
+from lathe.parallel.pipeline import (
+    PipelinePlan,
+    PipelineRunner,
+    balanced_layer_ranges,
+    build_stage_module,
+    is_v_shaped,
+    layer_ranges_from_split_points,
+    schedule_class,
+    stage_ids,
+    stages_per_rank,
+)
 from lathe.parallel.tensor import apply_tp
 from lathe.profiling import maybe_memory_snapshot, maybe_profile
 
@@ -60,7 +71,12 @@ class TrainResult:
     steps: int = 0
     tokens: int = 0
     dump_folder: Path = Path(".")
-    model: nn.Module | None = None  # the trained (parallelized) model, for tests and notebooks
+    model_parts: list[nn.Module] = field(default_factory=list)  # trained (parallelized) parts
+
+    @property
+    def model(self) -> nn.Module:
+        """The model, when it is one part (no pipeline parallelism)."""
+        return self.model_parts[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,14 +95,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)  # seeds CPU and every CUDA device
     if deterministic:
         torch.use_deterministic_algorithms(True)
+        # MKL's float32 kernels may round differently with memory alignment, which differs between
+        # processes; strict CNR mode removes that (read when MKL first runs, so set it early).
+        os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-
-
-def build_data(cfg: Config, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) -> PackedStream:
-    corpus = build_corpus(cfg.training.dataset_path)
-    return PackedStream(lambda: iter_documents(corpus.train), tokenizer, cfg.training.seq_len,
-                        cfg.training.batch_size, dp_rank=dp_rank, dp_degree=dp_degree)
 
 
 def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
@@ -95,19 +108,23 @@ def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
                         norm_type=cfg.model.norm_type, rope_scaling=cfg.model.rope_scaling)
 
 
-def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshes) -> nn.Module:
-    """Apply, in order, every technique the config asks for: TP -> AC -> compile -> FSDP/DDP."""
+def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshes,
+                first_block_index: int = 0) -> nn.Module:
+    """Apply, in order, every technique the config asks for: TP -> AC -> compile -> FSDP/DDP.
+
+    ``model`` is the whole model, or one pipeline stage whose first block is the
+    ``first_block_index``-th block of the model."""
     if dims.tp_enabled:
         apply_tp(model, meshes.tp, loss_parallel=dims.loss_parallel)
     ac = cfg.activation_checkpoint
-    apply_ac(model, ac.mode, ac.selective_ac_option)
+    apply_ac(model, ac.mode, ac.selective_ac_option, first_block_index)
     if cfg.training.compile:
         if dims.tp_enabled:
             _wait_for_async_embedding_output(model)
         apply_compile(model, backend=cfg.training.compile_backend)
     if dims.fsdp_enabled:
         apply_fsdp(model, meshes.data_parallel, DTYPES[cfg.training.mixed_precision_param],
-                   DTYPES[cfg.training.mixed_precision_reduce])
+                   DTYPES[cfg.training.mixed_precision_reduce], pipeline_parallel=dims.pp > 1)
     elif dims.ddp_only:
         apply_ddp(model, meshes.data_parallel)
     return model
@@ -125,14 +142,23 @@ def _wait_for_async_embedding_output(model: nn.Module) -> None:
             lambda mod, inp, out: out * 1 if isinstance(out, AsyncCollectiveTensor) else out)
 
 
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Clip to ``max_norm`` and return the total norm over all parameters and all their shards.
+def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group=None) -> torch.Tensor:
+    """Clip to ``max_norm`` and return the total gradient norm over all parameters and shards.
 
-    With DTensor parameters (FSDP, TP) the norm is a DTensor whose reduction over the mesh
-    gives the global norm; ``full_tensor`` materializes it.
+    With DTensor parameters (FSDP, TP) the norm is reduced over their mesh (``full_tensor``);
+    pipeline stages on other ranks hold the other parameters, so the squared norms are also summed
+    over the pipeline group. Clipping then uses that one global norm on every rank.
     """
-    norm = nn.utils.clip_grad_norm_(list(params), max_norm, foreach=True)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    params = [p for part in parts for p in part.parameters() if p.grad is not None]
+    norm = nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if pp_group is not None:
+        squared = norm ** 2
+        torch.distributed.all_reduce(squared, group=pp_group)
+        norm = squared.sqrt()
+    nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -200,10 +226,14 @@ def train(cfg: Config) -> TrainResult:
     dp_degree = dims.dp
     seed_everything(t.seed, t.deterministic)
 
-    tokenizer = load_tokenizer(config_lib.tokenizer_path(cfg))
-    data = build_data(cfg, tokenizer, dp_rank, dp_degree)
+    tokenizer = build_tokenizer(cfg)
+    data = build_train_data(cfg, tokenizer, dp_rank, dp_degree)
+    validator = None
+    if cfg.validation.enabled:  # built now: its data is checked before training starts
+        validator = Validator(cfg, tokenizer, dp_rank, dp_degree, device,
+                              dp_group=meshes.dp.get_group() if meshes.dp is not None else None)
 
-    args = model_args(cfg, tokenizer.vocab_size)
+    args = model_args(cfg, resolve_vocab_size(cfg, tokenizer))
     with torch.device("meta"):
         model = MODELS[cfg.model.name].build(args)
     reference = copy.deepcopy(model)  # unparallelized, on meta: the source of initial weights
@@ -212,20 +242,31 @@ def train(cfg: Config) -> TrainResult:
     logger.info("model %s %s: %s parameters, %.3e training FLOPs per token",
                 cfg.model.name, cfg.model.flavor, f"{n_params:,}", flops)
 
-    model = parallelize(model, cfg, dims, meshes)
-    model.to_empty(device=device)
-    init_model_parts([model], reference, device, t.seed)
-
-    optimizers = Optimizers([model], cfg.optimizer)
-    schedules = LRSchedules(optimizers, t.steps, cfg.lr_scheduler)
     accum = config_lib.accumulation_steps(cfg, dp_degree)
+    plan = pipeline_plan(cfg, args, dims, meshes, reference) if dims.pp > 1 else None
+    if plan is None:
+        parts, first_blocks = [model], [0]
+    else:  # one meta copy per stage this rank runs, holding only that stage's blocks
+        parts = [build_stage_module(reference, *plan.ranges[s], plan.num_stages, s) for s in plan.my_stages]
+        first_blocks = [plan.ranges[s][0] for s in plan.my_stages]
+    parts = [parallelize(part, cfg, dims, meshes, first) for part, first in zip(parts, first_blocks)]
+    for part in parts:
+        part.to_empty(device=device)
+    init_model_parts(parts, reference, device, t.seed)
+    pipeline = None
+    if plan is not None:
+        pipeline = PipelineRunner(plan, parts, device, meshes.pp.get_group(), loss_fn=cross_entropy,
+                                  accumulation=accum)
+
+    optimizers = Optimizers(parts, cfg.optimizer)
+    schedules = LRSchedules(optimizers, t.steps, cfg.lr_scheduler)
     train_state = TrainState()
-    checkpointer = CheckpointManager(cfg.checkpoint, dump_folder, [model], optimizers, schedules, data,
+    checkpointer = CheckpointManager(cfg.checkpoint, dump_folder, parts, optimizers, schedules, data,
                                      train_state, args)
     if cfg.checkpoint.create_seed_checkpoint:
         checkpointer.save(0, last_step=True, weights_only=True)
         logger.info("seed checkpoint written to %s", checkpointer.folder / "step-0")
-        return TrainResult(dump_folder=dump_folder, model=model)
+        return TrainResult(dump_folder=dump_folder, model_parts=parts)
     checkpointer.load()
 
     metrics = MetricsProcessor(
@@ -236,8 +277,9 @@ def train(cfg: Config) -> TrainResult:
         reduce_fn=make_dist_reduce_fn(meshes.dp.get_group()) if meshes.dp is not None else None)
     metrics.tokens_seen = train_state.tokens_seen // dp_degree
     guard = NonFiniteGuard(device)
-    step_fn = StepRunner(model, optimizers, schedules, data, metrics, device, accum, cfg, dims)
-    result = TrainResult(dump_folder=dump_folder, model=model)
+    step_fn = StepRunner(parts, pipeline, optimizers, schedules, data, metrics, device, accum, cfg, dims,
+                         pp_group=meshes.pp.get_group() if meshes.pp is not None else None)
+    result = TrainResult(dump_folder=dump_folder, model_parts=parts)
     tokens_per_step = t.batch_size * t.seq_len * accum * dp_degree
     logger.info("training steps %d to %d: batch %d x accumulation %d x DP %d = %d sequences of %d tokens "
                 "(%s tokens per step), warmup %d, on %s", train_state.step + 1, t.steps, t.batch_size, accum,
@@ -270,6 +312,8 @@ def train(cfg: Config) -> TrainResult:
                     distributed.set_train_timeout(cfg.comm.train_timeout_seconds)
 
                 last = step == t.steps
+                if validator is not None and (step % cfg.validation.freq == 0 or last):
+                    metrics.log_validation(step, step_fn.validate(validator))
                 preempted = preemption is not None and checkpointer.agree(preemption.requested)
                 if preempted or checkpointer.should_save(step, last):
                     guard.check()  # never checkpoint a diverged model
@@ -312,9 +356,10 @@ def preemption_watch(enabled: bool):
 class StepRunner:
     """One optimizer step: micro-batches (forward, loss, backward), clipping, optimizer, schedule."""
 
-    def __init__(self, model, optimizers, schedules, data, metrics, device, accum, cfg: Config,
-                 dims: ParallelDims):
-        self.model, self.optimizers, self.schedules = model, optimizers, schedules
+    def __init__(self, parts, pipeline, optimizers, schedules, data, metrics, device, accum, cfg: Config,
+                 dims: ParallelDims, pp_group=None):
+        self.parts, self.pipeline, self.pp_group = parts, pipeline, pp_group
+        self.optimizers, self.schedules = optimizers, schedules
         self.data_iter = iter(data)
         self.metrics, self.device, self.accum = metrics, device, accum
         self.max_norm = cfg.training.max_norm if cfg.training.max_norm > 0 else float("inf")
@@ -330,24 +375,61 @@ class StepRunner:
         loss = torch.zeros((), device=self.device)
         self.ntokens = 0
         for micro in range(self.accum):
-            set_gradient_sync(self.model, micro == self.accum - 1)  # reduce grads once, at the end
+            for part in self.parts:
+                set_gradient_sync(part, micro == self.accum - 1)  # reduce grads once, at the end
             start = time.perf_counter()
             inputs, labels = next(self.data_iter)[:2]
             self.metrics.data_loading_time(time.perf_counter() - start)
             inputs = inputs.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             self.ntokens += labels.numel()
-            with self.loss_context():
-                with self.autocast():
-                    logits = self.model(inputs)
-                    micro_loss = cross_entropy(logits, labels) / self.accum
-                del logits  # free the largest activation before backward allocates gradients
-                micro_loss.backward()
-            detached = micro_loss.detach()
-            # under loss parallel the loss is a replicated DTensor: every rank has it whole
-            loss += detached.full_tensor() if isinstance(detached, DTensor) else detached
-        self.grad_norm = clip_grad_norm(self.model.parameters(), self.max_norm)
+            loss += self.forward_backward(inputs, labels)
+        self.grad_norm = clip_grad_norm(self.parts, self.max_norm, self.pp_group)
         self.lr = self.optimizers.lr
         self.optimizers.step()
         self.schedules.step()
         return loss
+
+
+    def validate(self, validator: Validator) -> dict:
+        batch_loss = self.pipeline.evaluate if self.pipeline is not None else None
+        return validator.run(self.parts[0], self.loss_context, self.autocast, batch_loss=batch_loss)
+
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's forward and backward; returns its (detached) loss / accumulation."""
+        if self.pipeline is not None:
+            # the schedule runs forward and backward of every pipeline micro-batch of this batch
+            with self.loss_context(), self.autocast():
+                return self.pipeline.step(inputs, labels)
+        with self.loss_context():
+            with self.autocast():
+                logits = self.parts[0](inputs)
+                loss = cross_entropy(logits, labels) / self.accum
+            del logits  # free the largest activation before backward allocates gradients
+            loss.backward()
+        loss = loss.detach()
+        # under loss parallel the loss is a replicated DTensor: every rank has it whole
+        return loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+
+def pipeline_plan(cfg: Config, args: ModelArgs, dims: ParallelDims, meshes: Meshes,
+                  reference: nn.Module) -> PipelinePlan:
+    """Which stages exist, which blocks each holds, which this rank runs, how many micro-batches."""
+    p = cfg.parallelism
+    cls = schedule_class(p.pp_schedule)
+    num_stages = (len(p.pp_split_points) + 1) if p.pp_split_points else dims.pp * stages_per_rank(cls, p.pp_stages_per_rank)
+    if p.pp_split_points:
+        ranges = layer_ranges_from_split_points(p.pp_split_points, args.n_layers, num_stages)
+    else:
+        # Training FLOPs per token: a block's weights (6 per parameter) plus its attention scores;
+        # the output projection is a matmul too (6 per weight); the embedding is a lookup, charged
+        # 2 per weight for its gradient and optimizer update.
+        block_params = num_params(reference.layers["0"])
+        block = 6 * block_params + flops_per_token(args, 0, cfg.training.seq_len) / args.n_layers
+        table = args.vocab_size * args.dim
+        ranges = balanced_layer_ranges(block, args.n_layers, num_stages, first_extra=2 * table, last_extra=6 * table)
+    mine = stage_ids(meshes.pp.get_local_rank(), dims.pp, num_stages, is_v_shaped(cls))
+    microbatches = p.pp_microbatches or num_stages
+    logger.info("pipeline: %s, %d stages (blocks %s), this rank runs stages %s, %d micro-batches",
+                cls.__name__, num_stages, ", ".join(f"{a}-{b - 1}" for a, b in ranges), mine, microbatches)
+    return PipelinePlan(cls, num_stages, mine, ranges, microbatches)

@@ -77,7 +77,7 @@ class ParallelDims:
     def build_meshes(self, device_type: str) -> "Meshes":
         dims = [(name, size) for name, size in self.degrees.items() if size > 1]
         if not dims:
-            return Meshes(None, None, None, None)
+            return Meshes(None, None, None, None, None)
         names, sizes = zip(*dims)
         logger.info("building a %d-D device mesh: %s", len(dims), " x ".join(f"{n} {s}" for n, s in dims))
         world = init_device_mesh(device_type, sizes, mesh_dim_names=names)
@@ -86,7 +86,7 @@ class ParallelDims:
         # slicing flattened dims). _flatten is private in torch 2.11-2.13; there is no public API.
         dp = world[dp_names]._flatten(mesh_dim_name="dp") if dp_names else None
         return Meshes(world=world, dp=dp, data_parallel=world[dp_names] if dp_names else None,
-                      tp=world["tp"] if "tp" in names else None)
+                      tp=world["tp"] if "tp" in names else None, pp=world["pp"] if "pp" in names else None)
 
 
 @dataclass(frozen=True)
@@ -97,3 +97,4 @@ class Meshes:
     dp: DeviceMesh | None  # all data-parallel ranks as one dimension: data sharding, loss average
     data_parallel: DeviceMesh | None  # for FSDP/DDP: 1-D, or 2-D (dp_replicate, dp_shard) = HSDP
     tp: DeviceMesh | None
+    pp: DeviceMesh | None

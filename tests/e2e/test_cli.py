@@ -175,3 +175,18 @@ def test_config_docs_matches_committed_file(tmp_path):
     committed = (REPO / "docs" / "config.md").read_text()
     assert p.stdout == committed, \
         "docs/config.md is stale: regenerate it with `python -m lathe config-docs > docs/config.md`"
+
+
+def test_trains_on_local_files_with_a_given_tokenizer_and_validation(tmp_path):
+    """Issue 3's acceptance command: local files + an explicit tokenizer.json, with validation."""
+    data = REPO / "tests" / "assets" / "data" / "tiny"
+    tokenizer = REPO / "lathe" / "assets" / "tokenizer.json"
+    out = tmp_path / "out"
+    p = lathe("train", "--training.steps", "4", *SMALL, "--training.dataset_path", str(data),
+              "--model.tokenizer_path", str(tokenizer), "--validation.enabled", "--validation.freq", "2",
+              "--validation.steps", "1", "--job.dump_folder", str(out), cwd=tmp_path)
+    assert p.returncode == 0, show(p)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
+    assert all(r["val_perplexity"] > 1 for r in records if "val_loss" in r)
+    assert "validation step 2: loss" in p.stdout

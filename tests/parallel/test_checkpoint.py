@@ -2,8 +2,12 @@
 retention, seed checkpoints, weights-only export and Hugging Face conversion.
 
 Runs: 6 steps of the tiny Llama with a checkpoint every 3 steps. "Resume" removes step-6 and runs
-again: it must load step-3 and reproduce steps 4-6. Same layout: bitwise equal losses (fp32, CPU).
-Different layout: within 1e-5 relative (sums reduce in another order).
+again: it must load step-3 and reproduce steps 4-6.
+- Same layout: equal losses. They are bitwise equal in almost every run, but MKL's float32 kernels
+  may round the last bit differently when memory alignment differs between processes (observed:
+  one step in one of several runs, 1 ulp), so ``same`` allows 1e-6 relative (a few ulps). A real
+  resume bug (wrong data position, optimizer or LR state) moves the loss by far more.
+- Different layout: within 1e-5 relative (sums reduce in another order).
 """
 
 import json
@@ -22,6 +26,9 @@ from lathe.checkpoint.manager import complete_steps
 from lathe.config import load_config
 from lathe.errors import ConfigError
 from lathe.trainer import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from worker import load_result  # noqa: E402
 
 HERE = Path(__file__).parent
 BASE = ["--model.flavor", "tiny", "--training.seq_len", "32", "--optimizer.lr", "1e-3",
@@ -42,7 +49,11 @@ def run_torchrun(nproc, folder, *extra, steps=6, batch=2):
            "--training.batch_size", str(batch), "--job.dump_folder", str(folder), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(Path(folder) / "result.pt", weights_only=True)["losses"]
+    return load_result(Path(folder))["losses"]
+
+
+def same(resumed, straight):
+    return all(resumed[s] == pytest.approx(straight[s], rel=1e-6, abs=0) for s in resumed)
 
 
 def drop_latest(folder):
@@ -63,7 +74,7 @@ def test_exact_resume_single_process(tmp_path, mode):
     drop_latest(tmp_path)
     resumed = run_local(tmp_path, "--checkpoint.async_mode", mode)
     assert sorted(resumed) == [4, 5, 6]  # it really started from step 3
-    assert all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
+    assert same(resumed, straight), (resumed, straight)
 
 
 @pytest.mark.parametrize("name,nproc,layout", [
@@ -77,7 +88,29 @@ def test_exact_resume_distributed(tmp_path, name, nproc, layout):
     (tmp_path / "metrics.jsonl").unlink()
     resumed = run_torchrun(nproc, tmp_path, *layout)
     assert sorted(resumed) == [4, 5, 6]
-    assert all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
+    assert same(resumed, straight), (resumed, straight)
+
+
+def test_exact_resume_pp2_fsdp2_tp2_eight_processes(tmp_path):
+    layout = ["--parallelism.pp", "2", "--parallelism.dp_shard", "2", "--parallelism.tp", "2"]
+    straight = run_torchrun(8, tmp_path, *layout)
+    drop_latest(tmp_path)
+    (tmp_path / "metrics.jsonl").unlink()
+    resumed = run_torchrun(8, tmp_path, *layout)
+    assert sorted(resumed) == [4, 5, 6]
+    assert same(resumed, straight), (resumed, straight)
+
+
+def test_looped_pipeline_checkpoint_loads_into_one_process(tmp_path):
+    """Two stages per rank (two model parts, two optimizers per rank) save; one process resumes."""
+    layout = ["--parallelism.pp", "2", "--parallelism.dp_shard", "1", "--parallelism.pp_schedule", "Interleaved1F1B",
+              "--parallelism.pp_microbatches", "2"]
+    straight = run_torchrun(2, tmp_path / "a", *layout)
+    drop_latest(tmp_path / "a")
+    single = run_local(tmp_path / "a")
+    assert sorted(single) == [4, 5, 6]
+    for s in single:
+        assert single[s] == pytest.approx(straight[s], rel=1e-5)
 
 
 def test_elastic_resume_fsdp4_to_fsdp2_and_to_one_process(tmp_path):
@@ -109,7 +142,7 @@ def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path, point, mod
     assert any(".partial-" in p.name for p in (folder / "checkpoint").iterdir())
     resumed = run_local(folder)
     assert sorted(resumed) == [4, 5, 6]
-    assert all(resumed[s] == straight[s] for s in resumed)
+    assert same(resumed, straight), (resumed, straight)
     assert complete_steps(folder / "checkpoint") == [3, 6]
     assert not any(".partial-" in p.name for p in (folder / "checkpoint").iterdir())
 
@@ -126,7 +159,7 @@ def test_async_with_pinned_mem_saves_in_a_separate_process_and_resumes(tmp_path)
     assert "writing in the background (async_with_pinned_mem)" in proc.stdout
     drop_latest(folder)
     resumed = run_local(folder)
-    assert all(resumed[s] == straight[s] for s in resumed) and sorted(resumed) == [4, 5, 6]
+    assert same(resumed, straight), (resumed, straight) and sorted(resumed) == [4, 5, 6]
 
 
 # --- preemption --------------------------------------------------------------------------------
@@ -151,7 +184,7 @@ def test_sigterm_saves_current_step_and_exits_75_then_resumes_exactly(tmp_path):
     assert len(saved) == 1 and 3 <= saved[0] < steps, saved
     resumed = run_local(folder, "--checkpoint.interval", "1000", steps=steps)
     assert min(resumed) == saved[0] + 1
-    assert all(resumed[s] == straight[s] for s in resumed), [(s, resumed[s], straight[s]) for s in resumed if resumed[s] != straight[s]]
+    assert same(resumed, straight), (resumed, straight)
 
 
 # --- retention, seed checkpoint, export --------------------------------------------------------

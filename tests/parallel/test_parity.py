@@ -4,7 +4,9 @@ Each case launches the real trainer under torchrun with gloo on CPU (fp32, the t
 grouped-query attention, 5 steps) and compares, with the in-process single-process run on the
 same global batch and seed:
 - the loss of every step (averaged over data-parallel ranks): relative difference <= 1e-5;
-- every final parameter, gathered from its shards: |diff| <= 1e-4. Gradients agree to ~1e-6,
+- every final parameter, gathered from its shards: |diff| <= 1e-4;
+- the validation loss of the trained model (held-out batches split over the DP ranks; under PP
+  through the schedule's forward-only pass): relative difference <= 1e-5. Gradients agree to ~1e-6,
   but after 5 AdamW steps a last-bit difference in a near-zero gradient is divided by
   sqrt(v) ~ |g| and can move a weight by a fraction of the learning rate (1e-3).
 The sums inside a layout run in a different order than in one process, so bitwise equality is
@@ -12,6 +14,7 @@ not expected; a layout that misses these tolerances is a bug, not a reason to wi
 """
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -24,12 +27,16 @@ from lathe.config import load_config
 from lathe.parallel import clean_name
 from lathe.trainer import train
 
+sys.path.insert(0, str(Path(__file__).parent))
+from worker import load_result  # noqa: E402
+
 HERE = Path(__file__).parent
 STEPS = 5
-LOCAL_BATCH = 2
+LOCAL_BATCH = 2  # per data-parallel rank; DualPipeV needs 4 (4 micro-batches for 4 stages)
 COMMON = ["--model.flavor", "tiny", "--training.seq_len", "32", "--training.steps", str(STEPS),
           "--optimizer.lr", "1e-3", "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1",
-          "--training.mixed_precision_param", "float32", "--training.mixed_precision_reduce", "float32"]
+          "--training.mixed_precision_param", "float32", "--training.mixed_precision_reduce", "float32",
+          "--validation.enabled", "--validation.freq", "1000", "--validation.steps", "2"]  # validate at the end
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,17 +45,23 @@ def reference(global_batch: int, tmp_root: str):
                           "--job.dump_folder", f"{tmp_root}/ref{global_batch}"])
     result = train(cfg)
     params = {clean_name(n): p.detach().clone() for n, p in result.model.named_parameters()}
-    return result.losses, params
+    logged = [json.loads(x) for x in Path(cfg.job.dump_folder, "metrics.jsonl").read_text().splitlines()]
+    val_loss = next(r["val_loss"] for r in logged if "val_loss" in r)
+    return result.losses, params, val_loss
 
 
-def launch(nproc: int, overrides: list[str], folder: Path) -> dict:
+def local_batch(name: str) -> int:
+    return 4 if "DualPipeV" in name else LOCAL_BATCH
+
+
+def launch(nproc: int, overrides: list[str], folder: Path, batch: int = LOCAL_BATCH) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(HERE / "worker.py"),
-           *COMMON, "--training.batch_size", str(LOCAL_BATCH), "--job.dump_folder", str(folder), *overrides]
+           *COMMON, "--training.batch_size", str(batch), "--job.dump_folder", str(folder), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return torch.load(folder / "result.pt", weights_only=True)
+    return load_result(folder)
 
 
 # (id, processes, data-parallel degree, overrides). AC and compile variants are spread over the
@@ -76,15 +89,36 @@ LAYOUTS = [
     ("fsdp2_accumulate2", 2, 2, ["--parallelism.dp_shard", "2", "--training.gradient_accumulation_steps", "2"]),
 ]
 
+# Pipeline parallel: every schedule of torch.distributed.pipelining, on 2 ranks. Single-stage
+# schedules get 2 stages (one per rank); multi-stage ones 4 (two per rank: looped, or V-shaped).
+PP = ["--parallelism.pp", "2", "--parallelism.dp_shard", "1"]
+SCHEDULE_CASES = ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
+LAYOUTS += [(f"pp2_{name}", 2, 1, [*PP, "--parallelism.pp_schedule", name, "--parallelism.pp_microbatches",
+                                    "4" if name == "DualPipeV" else "2"]) for name in SCHEDULE_CASES]
+LAYOUTS += [
+    ("pp2_split_points_ac_op", 2, 1, [*PP, "--parallelism.pp_split_points", "layers.1", "--parallelism.pp_microbatches", "2",
+                                      "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"]),
+    ("pp2xfsdp2_interleaved", 4, 2, ["--parallelism.pp", "2", "--parallelism.dp_shard", "2",
+                                     "--parallelism.pp_schedule", "interleaved_1f1b", "--parallelism.pp_microbatches", "2"]),
+    ("pp2xtp2_1f1b_ac_full", 4, 1, ["--parallelism.pp", "2", "--parallelism.tp", "2", "--parallelism.dp_shard", "1",
+                                    "--activation_checkpoint.mode", "full"]),
+    ("pp2xfsdp2xtp2_compile", 8, 2, ["--parallelism.pp", "2", "--parallelism.dp_shard", "2", "--parallelism.tp", "2",
+                                     "--training.compile", "--training.compile_backend", "aot_eager"]),
+    ("pp2_accumulate2", 2, 1, [*PP, "--training.gradient_accumulation_steps", "2"]),
+]
+
 
 @pytest.mark.parametrize("name,nproc,dp,overrides", LAYOUTS, ids=[x[0] for x in LAYOUTS])
 def test_layout_matches_single_process(name, nproc, dp, overrides, tmp_path_factory):
     accumulation = 2 if "--training.gradient_accumulation_steps" in overrides else 1
-    ref_losses, ref_params = reference(LOCAL_BATCH * dp * accumulation, str(tmp_path_factory.getbasetemp()))
-    got = launch(nproc, overrides, tmp_path_factory.mktemp(name))
+    batch = local_batch(name)
+    ref_losses, ref_params, ref_val = reference(batch * dp * accumulation, str(tmp_path_factory.getbasetemp()))
+    got = launch(nproc, overrides, tmp_path_factory.mktemp(name), batch)
     assert sorted(got["losses"]) == list(range(1, STEPS + 1))
     for step, loss in got["losses"].items():
         assert loss == pytest.approx(ref_losses[step], rel=1e-5), f"step {step}"
+    # validation on the trained model: the same held-out batches, split over this layout's DP ranks
+    assert got["val_losses"][STEPS] == pytest.approx(ref_val, rel=1e-5)
     assert got["params"].keys() == ref_params.keys()
     for key, value in got["params"].items():
         torch.testing.assert_close(value, ref_params[key], atol=1e-4, rtol=0, msg=lambda m: f"{key}: {m}")

@@ -162,7 +162,7 @@ BAD = [
     (["--model.flavor", "debugmodl"], "did you mean 'debugmodel'"),
     (["--model.name", "gpt2"], "model.name='gpt2': must be one of llama2, llama3"),
     (["--model.tokenizer_path", "/nonexistent/tokenizer.json"], "model.tokenizer_path='/nonexistent/tokenizer.json': file not found"),
-    (["--training.dataset", "c4"], "training.dataset='c4': not supported yet"),
+    (["--training.dataset", "c44"], "training.dataset='c44': unknown dataset"),
     (["--metrics.log_freq", "0"], "metrics.log_freq=0: must be >= 1"),
     (["--lr_scheduler.min_lr_ratio", "2"], "lr_scheduler.min_lr_ratio=2.0: must be in [0, 1]"),
     (["--training.global_batch_size", "20", "--training.batch_size", "8"], "not divisible by batch_size"),
@@ -205,7 +205,17 @@ def test_invalid_toml_is_reported(tmp_path):
     (["--parallelism.tp", "2", "--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "1"], 4,
      "DDP (replicate without shard) does not compose with tensor parallel"),
     (["--parallelism.dp_shard", "3"], 4, "must equal the number of processes (4)"),
-    (["--parallelism.pp", "2"], 2, "parallelism.pp=2: not supported yet"),
+    (["--parallelism.pp", "2", "--parallelism.pp_schedule", "nope"], 2, "unknown pipeline schedule"),
+    (["--parallelism.pp", "2", "--parallelism.pp_split_points", "layers.4,layers.6"], 2,
+     "3 stages cannot be spread evenly over pp=2"),
+    (["--parallelism.pp", "2", "--parallelism.pp_split_points", "layers.9"], 2, "must be increasing"),
+    (["--parallelism.pp", "2", "--parallelism.pp_schedule", "1F1B", "--parallelism.pp_stages_per_rank", "2"], 2,
+     "runs one stage per rank, but there are 2"),
+    (["--parallelism.pp", "2", "--parallelism.pp_microbatches", "3"], 2, "does not split into 3 micro-batches"),
+    (["--parallelism.pp", "2", "--parallelism.pp_microbatches", "1", "--training.batch_size", "4"], 2,
+     "needs at least as many micro-batches as stages (2)"),
+    (["--parallelism.pp", "2", "--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "1"], 4,
+     "does not compose with pipeline parallel"),
 ])
 def test_layout_errors(argv, world, message):
     cfg, _ = load_config(argv)

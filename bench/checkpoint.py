@@ -1,0 +1,321 @@
+"""Checkpoint save cost: how long each ``checkpoint.async_mode`` blocks training, on CPU.
+
+    python bench/checkpoint.py                    # debug model, batch 8 x seq 256, 20 steps, save every 5
+    python bench/checkpoint.py --steps 30 --interval 10 --batch-size 4 --seq-len 512 --repeats 2
+    python bench/checkpoint.py --modes off,async --keep /tmp/ckbench
+
+For the llama3 ``debugmodel`` (~8.9M parameters; model + AdamW state is ~109 MB per checkpoint in
+fp32) the script trains the same short run several times, each as its own ``python -m lathe
+train`` subprocess with its own temporary dump folder:
+
+- ``off``: checkpointing disabled, the baseline step time;
+- ``disabled``: ``--checkpoint.enable_checkpoint --checkpoint.async_mode disabled`` (synchronous
+  ``dcp.save``: training waits for the whole write);
+- ``async``: DCP's thread-based ``async_save`` (state copied to CPU memory, a thread writes it);
+- ``async_with_pinned_mem``: DCP's process-based ``async_save`` (state staged into CPU memory, a
+  separate writer process writes it).
+
+Why a subprocess and not ``lathe.trainer.train`` in-process: the process-based writer is started
+with the ``spawn`` method, which re-imports ``__main__`` in the helper; through lathe's CLI that
+is ``lathe/__main__.py`` (guarded), so the helper never re-runs this script.
+
+What is measured
+----------------
+Everything comes from what lathe writes itself:
+
+- the console log, captured to ``{dump}/train.log``. Each save logs ``checkpoint step N: written |
+  writing in the background (MODE), training blocked X.XXs``; a save that had to wait for the
+  previous background write first logs ``checkpoint step M: waited X.XXs for the background
+  write`` (only when the wait exceeds 0.01 s). The "blocked" time of a save *includes* any such
+  wait, since ``CheckpointManager.save`` starts its clock before waiting.
+- ``{dump}/metrics.jsonl`` with ``metrics.log_freq 1``: ``step_time`` of every step. Step 1
+  (tokenizing the first data chunk, lazy init) is dropped. A step's logging window opens right
+  after the previous step's log, so the window of step K+1 contains the save made after step K:
+  the "after-save step" column is the median of those windows, and it also shows any slowdown from
+  the background writer competing for the CPU during that step. The final save happens after the
+  last window has closed and is in no step time.
+- the size on disk of one complete checkpoint (the first interval save, ``step-{interval}``).
+
+The final save (``step == training.steps``) is always synchronous in lathe, whatever the mode,
+and it first waits for the last background write; it is reported in its own column and left out
+of the blocked-time statistics.
+
+Noise
+-----
+The runs are sequential, not interleaved, so they see whatever else the machine is doing at the
+time; the 1-minute load average at the start of each run is printed next to it. On a small shared
+machine (e.g. 2 cores with test suites running) step times can vary several-fold between runs:
+compare the blocked times (short, measured inside one run) with more confidence than step times
+across runs. ``--repeats N`` cycles through all modes N times and pools the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL, FLAVOR = "llama3", "debugmodel"
+MODES = ("off", "disabled", "async", "async_with_pinned_mem")
+
+SAVE_RE = re.compile(r"checkpoint step (\d+): (written|writing in the background \(([\w]+)\)), "
+                     r"training blocked ([\d.]+)s")
+WAIT_RE = re.compile(r"checkpoint step (\d+): waited ([\d.]+)s for the background write")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="cost of lathe's checkpoint saves per async mode (CPU)")
+    p.add_argument("--steps", type=int, default=20, help="training steps per run (default 20)")
+    p.add_argument("--interval", type=int, default=5, help="checkpoint.interval in steps (default 5)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated subset of {', '.join(MODES)} (default: all, in that order)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="OMP_NUM_THREADS for the runs (default 0: leave torch's default, one per core)")
+    p.add_argument("--repeats", type=int, default=1, help="cycle through the modes this many times (default 1)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds before a run is killed (default 900)")
+    p.add_argument("--keep", metavar="DIR", help="keep each run's dump folder under DIR (else temporary)")
+    args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or not args.modes:
+        p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+    if args.steps < 3 or args.interval < 1 or args.repeats < 1 or args.threads < 0:
+        p.error("--steps must be >= 3, --interval and --repeats >= 1, --threads >= 0")
+    if args.interval >= args.steps:
+        p.error("--interval must be < --steps, or only the final (synchronous) save happens")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+
+
+@dataclass
+class Run:
+    mode: str
+    wall_s: float = 0.0
+    load_avg: float = 0.0
+    step_times: dict[int, float] = field(default_factory=dict)  # step -> step_time, step 1 included
+    saves: dict[int, float] = field(default_factory=dict)  # interval save step -> blocked s
+    save_kinds: dict[int, str] = field(default_factory=dict)  # step -> "written" / mode name
+    final_blocked: float | None = None
+    waits: dict[int, float] = field(default_factory=dict)  # step of the write waited for -> s
+    ckpt_bytes: int | None = None
+    complete: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def lathe_command(args: argparse.Namespace, mode: str, dump: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "lathe", "train",
+           "--job.dump_folder", str(dump),
+           "--training.device", "cpu",
+           "--training.steps", str(args.steps),
+           "--training.batch_size", str(args.batch_size),
+           "--training.seq_len", str(args.seq_len),
+           "--model.name", MODEL, "--model.flavor", FLAVOR,
+           "--metrics.log_freq", "1"]
+    if mode != "off":
+        cmd += ["--checkpoint.enable_checkpoint",
+                "--checkpoint.interval", str(args.interval),
+                "--checkpoint.async_mode", mode]
+    return cmd
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_once(args: argparse.Namespace, mode: str, dump: Path) -> Run:
+    run = Run(mode=mode, load_avg=os.getloadavg()[0])
+    dump.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    log_path = dump / "train.log"
+    t0 = time.perf_counter()
+    with log_path.open("w") as log:
+        try:
+            proc = subprocess.run(lathe_command(args, mode, dump), cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=args.timeout, check=False)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    run.wall_s = time.perf_counter() - t0
+    text = log_path.read_text(errors="replace")
+    if rc != 0:
+        tail = "\n".join(text.splitlines()[-20:])
+        raise SystemExit(f"run '{mode}' {'timed out' if rc is None else f'exited with code {rc}'}; "
+                         f"log {log_path}:\n{tail}")
+
+    for m in SAVE_RE.finditer(text):
+        step, blocked = int(m.group(1)), float(m.group(4))
+        kind = "written" if m.group(2) == "written" else m.group(3)
+        if step == args.steps:
+            run.final_blocked = blocked
+            if kind != "written":
+                run.problems.append(f"final save at step {step} was not synchronous ({kind})")
+        else:
+            run.saves[step] = blocked
+            run.save_kinds[step] = kind
+    for m in WAIT_RE.finditer(text):
+        run.waits[int(m.group(1))] = float(m.group(2))
+
+    metrics = dump / "metrics.jsonl"
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if "step_time" in rec:
+            run.step_times[rec["step"]] = rec["step_time"]
+    if sorted(run.step_times) != list(range(1, args.steps + 1)):
+        run.problems.append(f"metrics.jsonl has steps {sorted(run.step_times)}, expected 1..{args.steps}")
+
+    if mode != "off":
+        expected = [s for s in range(args.interval, args.steps, args.interval)]
+        if sorted(run.saves) != expected:
+            run.problems.append(f"interval saves logged at steps {sorted(run.saves)}, expected {expected}")
+        if run.final_blocked is None:
+            run.problems.append("no final save logged")
+        want_kind = "written" if mode == "disabled" else mode
+        odd = {s: k for s, k in run.save_kinds.items() if k != want_kind}
+        if odd:
+            run.problems.append(f"saves not in mode {want_kind}: {odd}")
+        ck = dump / "checkpoint"
+        run.complete = sorted(int(p.name.split("-")[1]) for p in ck.glob("step-*")
+                              if p.is_dir() and ".partial-" not in p.name
+                              and (p / ".metadata").is_file() and (p / "train_state.json").is_file())
+        partials = [p.name for p in ck.glob("step-*.partial-*")]
+        if partials:
+            run.problems.append(f"partial folders left behind: {partials}")
+        if run.complete != expected + [args.steps]:
+            run.problems.append(f"complete checkpoints {run.complete}, expected {expected + [args.steps]}")
+        first = ck / f"step-{args.interval}"
+        if first.is_dir():
+            run.ckpt_bytes = folder_bytes(first)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def med(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x: float | None, spec: str = ".2f", unit: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{unit}"
+
+
+def summarize(mode: str, runs: list[Run]) -> dict:
+    measured = [t for r in runs for s, t in r.step_times.items() if s >= 2]
+    after_save = [r.step_times[s + 1] for r in runs for s in r.saves if s + 1 in r.step_times]
+    blocked = [b for r in runs for b in r.saves.values()]
+    finals = [r.final_blocked for r in runs if r.final_blocked is not None]
+    sizes = [r.ckpt_bytes for r in runs if r.ckpt_bytes]
+    return {
+        "mode": mode,
+        "saves": sum(len(r.saves) for r in runs) / len(runs),
+        "blocked_med": med(blocked),
+        "blocked_max": max(blocked) if blocked else None,
+        "waited": sum(sum(r.waits.values()) for r in runs) / len(runs),
+        "waited_before_final": sum(r.waits.get(max(r.saves, default=-1), 0.0) for r in runs) / len(runs),
+        "final": med(finals),
+        "step_med": med(measured),
+        "step_mean": statistics.fmean(measured) if measured else None,
+        "after_save": med(after_save),
+        "size_mb": sizes[0] / 1e6 if sizes else None,
+        "wall": statistics.fmean(r.wall_s for r in runs),
+        "load": ", ".join(f"{r.load_avg:.1f}" for r in runs),
+        "problems": [p for r in runs for p in r.problems],
+    }
+
+
+def print_table(rows: list[dict], base: float | None) -> None:
+    head = ("| mode | interval saves | blocked per save, median / max | waited for bg write, total "
+            "| final save (sync) | median step | after-save step | mean step | vs off (median) "
+            "| checkpoint size | run wall | load avg at start |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        off = r["mode"] == "off"
+        rel = None if (base is None or r["step_med"] is None) else r["step_med"] / base
+        print(f"| {r['mode']} "
+              f"| {'-' if off else format(r['saves'], 'g')} "
+              f"| {'-' if off else fmt(r['blocked_med'], '.2f', ' s') + ' / ' + fmt(r['blocked_max'], '.2f', ' s')} "
+              f"| {'-' if off else fmt(r['waited'], '.2f', ' s')} "
+              f"| {'-' if off else fmt(r['final'], '.2f', ' s')} "
+              f"| {fmt(r['step_med'], '.3f', ' s')} "
+              f"| {'-' if off else fmt(r['after_save'], '.3f', ' s')} "
+              f"| {fmt(r['step_mean'], '.3f', ' s')} "
+              f"| {fmt(rel, '.2f', 'x')} "
+              f"| {'-' if off else fmt(r['size_mb'], '.1f', ' MB')} "
+              f"| {r['wall']:.0f} s | {r['load']} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch  # only for the version line; the runs are subprocesses
+
+    print(f"lathe checkpoint save cost: {MODEL} {FLAVOR}, batch {args.batch_size} x seq {args.seq_len}, "
+          f"{args.steps} steps, checkpoint.interval {args.interval} (+ the final save), CPU "
+          f"({os.cpu_count()} cores), torch {torch.__version__}", flush=True)
+    threads = args.threads or f"torch default ({torch.get_num_threads()})"
+    print(f"modes: {', '.join(args.modes)}; repeats: {args.repeats}; threads: {threads}; "
+          "step 1 dropped from step times", flush=True)
+    t_start = time.perf_counter()
+    runs: dict[str, list[Run]] = {m: [] for m in args.modes}
+    parent = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lathe-ckbench-"))
+    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for rep in range(args.repeats):
+            for mode in args.modes:
+                dump = parent / f"{mode}-{rep}" if args.keep else Path(tempfile.mkdtemp(prefix=f"{mode}-", dir=parent))
+                if args.keep and dump.exists():
+                    shutil.rmtree(dump)
+                run = run_once(args, mode, dump)
+                runs[mode].append(run)
+                saves = ", ".join(f"{s}: {b:.2f}s" for s, b in sorted(run.saves.items()))
+                print(f"  [{rep + 1}/{args.repeats}] {mode:<22} {run.wall_s:5.0f} s wall, load {run.load_avg:.1f}"
+                      + (f"; blocked {saves}; final {fmt(run.final_blocked)} s" if mode != "off" else ""),
+                      flush=True)
+                if not args.keep:  # ~110 MB per checkpoint: free the disk as we go
+                    shutil.rmtree(dump, ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(parent, ignore_errors=True)
+
+    rows = [summarize(m, runs[m]) for m in args.modes]
+    base = next((r["step_med"] for r in rows if r["mode"] == "off"), None)
+    print()
+    print_table(rows, base)
+    print()
+    print("blocked: training time lost per interval save as lathe logs it (it includes any wait for the "
+          "previous background write); final save: always synchronous, and it first waits for the last "
+          "background write; after-save step: median step_time of the step right after an interval save "
+          "(its window contains the save); checkpoint size: one complete step-N folder (model + AdamW "
+          "state, fp32).")
+    for r in rows:
+        if r["mode"] != "off" and r["waited_before_final"] > 0:
+            print(f"{r['mode']}: {r['waited_before_final']:.2f} s of the waited time was the final save "
+                  "waiting for the last background write")
+    problems = [(r["mode"], p) for r in rows for p in r["problems"]]
+    for mode, p in problems:
+        print(f"PROBLEM ({mode}): {p}")
+    print(f"wall time: {time.perf_counter() - t_start:.0f} s")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

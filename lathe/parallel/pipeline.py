@@ -1,0 +1,203 @@
+"""Pipeline parallelism (PP): the model's blocks split into stages on different ranks.
+
+A stage is a copy of the model holding a contiguous range of blocks (``layers`` keys keep their
+global index) — the first also the embeddings, the last also the final norm and output layer.
+Batches are cut into micro-batches that flow through the stages; the *schedule*
+(``torch.distributed.pipelining``) orders the forward and backward passes of the micro-batches so
+that stages are busy as much as possible (the idle part is the "bubble").
+
+Stages per rank: single-stage schedules (GPipe, 1F1B) put one stage on each rank. Multi-stage
+schedules put several: looped ones (Interleaved1F1B, LoopedBFS, InterleavedZeroBubble) stage s on
+rank s % pp; V-shaped ones (ZBVZeroBubble, DualPipeV) two stages per rank, r and 2*pp-1-r, so the
+first and last stage share rank 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleMulti,
+    ScheduleDualPipeV,
+    ScheduleZBVZeroBubble,
+    get_schedule_class,
+)
+
+from lathe.errors import ConfigError
+
+logger = logging.getLogger("lathe")
+
+# torchtitan's names, and snake_case spellings of torch's class names.
+ALIASES = {
+    "1f1b": "1F1B", "gpipe": "GPipe", "interleaved_1f1b": "Interleaved1F1B",
+    "flexible_interleaved_1f1b": "Interleaved1F1B", "looped_bfs": "LoopedBFS",
+    "interleaved_zero_bubble": "InterleavedZeroBubble", "zbv_zero_bubble": "ZBVZeroBubble",
+    "zbv": "ZBVZeroBubble", "dualpipev": "DualPipeV", "dual_pipe_v": "DualPipeV",
+}
+SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+
+
+def schedule_class(name: str):
+    canonical = ALIASES.get(name.lower(), name)
+    if canonical.lower() not in {s.lower() for s in SCHEDULES}:
+        raise ConfigError("parallelism.pp_schedule", "unknown pipeline schedule",
+                          f"choose one of {', '.join(SCHEDULES)} (or torchtitan's 1f1b, gpipe, interleaved_1f1b)", name)
+    return get_schedule_class(canonical)
+
+
+def is_multi_stage(cls) -> bool:
+    return issubclass(cls, PipelineScheduleMulti)
+
+
+def is_v_shaped(cls) -> bool:
+    return cls in (ScheduleZBVZeroBubble, ScheduleDualPipeV)
+
+
+def stages_per_rank(cls, requested: int) -> int:
+    if requested:
+        return requested
+    return 2 if is_multi_stage(cls) else 1
+
+
+def stage_ids(pp_rank: int, pp: int, num_stages: int, v_shaped: bool) -> list[int]:
+    per_rank = num_stages // pp
+    if v_shaped:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + s * pp for s in range(per_rank)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting
+
+
+def layer_ranges_from_split_points(points: list[str], n_layers: int, num_stages: int) -> list[tuple[int, int]]:
+    if len(points) != num_stages - 1:
+        raise ConfigError("parallelism.pp_split_points", f"{len(points)} split points make {len(points) + 1} stages, "
+                          f"but {num_stages} are needed", f"give {num_stages - 1} points or none (automatic)", points)
+    starts = []
+    for p in points:
+        m = re.fullmatch(r"layers\.(\d+)", p)
+        if not m:
+            raise ConfigError("parallelism.pp_split_points", f"{p!r} is not a block name", "use names like layers.4", points)
+        starts.append(int(m.group(1)))
+    bounds = [0, *starts, n_layers]
+    if any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ConfigError("parallelism.pp_split_points", f"must be increasing, between layers.1 and layers.{n_layers - 1}",
+                          "every stage needs at least one block", points)
+    return list(zip(bounds, bounds[1:]))
+
+
+def balanced_layer_ranges(block_cost: float, n_layers: int, num_stages: int, first_extra: float,
+                          last_extra: float) -> list[tuple[int, int]]:
+    """Contiguous ranges minimizing the most expensive stage (exact dynamic programme).
+
+    Costs are training FLOPs per token: each block ``block_cost``; the first stage also pays
+    ``first_extra`` (embedding), the last ``last_extra`` (output projection).
+    """
+    if num_stages > n_layers:
+        raise ConfigError("parallelism.pp", f"{num_stages} pipeline stages for {n_layers} blocks",
+                          "use fewer stages (pp x stages per rank) than blocks")
+    inf = float("inf")
+    # best[s][i]: minimal max-cost of splitting the first i blocks into s stages
+    best = [[inf] * (n_layers + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n_layers + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for i in range(s, n_layers - (num_stages - s) + 1):
+            for j in range(s - 1, i):
+                cost = (i - j) * block_cost + (first_extra if s == 1 else 0) + (last_extra if s == num_stages else 0)
+                value = max(best[s - 1][j], cost)
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    ranges, i = [], n_layers
+    for s in range(num_stages, 0, -1):
+        ranges.append((cut[s][i], i))
+        i = cut[s][i]
+    return ranges[::-1]
+
+
+def build_stage_module(reference: nn.Module, start: int, stop: int, num_stages: int, stage: int) -> nn.Module:
+    """A meta-device copy of the model keeping blocks [start, stop) and the ends it owns."""
+    part = copy.deepcopy(reference)
+    for name in list(part.layers.keys()):
+        if not start <= int(name) < stop:
+            del part.layers[name]
+    if stage != 0:
+        part.tok_embeddings = None
+    if stage != num_stages - 1:
+        part.norm = None
+        part.output = None
+    return part
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class PipelinePlan:
+    schedule_cls: type
+    num_stages: int
+    my_stages: list[int]
+    ranges: list[tuple[int, int]]
+    microbatches: int
+
+
+class PipelineRunner:
+    """Runs one batch through the schedule; the loss is the true batch loss on every rank.
+
+    ``loss_fn(output, target)`` is the plain mean loss of a micro-batch.
+    """
+
+    def __init__(self, plan: PipelinePlan, parts: list[nn.Module], device: torch.device, pp_group, loss_fn,
+                 accumulation: int = 1):
+        self.plan = plan
+        self.group = pp_group
+        self.device = device
+        self.accumulation = accumulation
+        self.stages = [PipelineStage(part, stage, plan.num_stages, device, group=pp_group)
+                       for part, stage in zip(parts, plan.my_stages)]
+        self.has_first = 0 in plan.my_stages
+        self.has_last = plan.num_stages - 1 in plan.my_stages
+        schedule_arg = self.stages if is_multi_stage(plan.schedule_cls) else self.stages[0]
+        # Each micro-batch loss is divided by micro-batches x accumulation steps, so gradients sum
+        # to the mean over the whole optimizer step. scale_grads=False: the schedule would instead
+        # divide the whole .grad after each step, wrong when gradients accumulate over steps.
+        scale = plan.microbatches * accumulation
+        self.schedule = plan.schedule_cls(schedule_arg, n_microbatches=plan.microbatches,
+                                          loss_fn=lambda out, target: loss_fn(out, target) / scale,
+                                          scale_grads=False)
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one batch; returns its loss / accumulation steps."""
+        return self._run(self.schedule.step, inputs, labels)
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward only; returns the batch's mean loss."""
+        return self._run(self.schedule.eval, inputs, labels) * self.accumulation
+
+    def _run(self, fn, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.has_first else ()
+        kwargs = {"target": labels, "losses": losses} if self.has_last else {}
+        fn(*args, **kwargs)
+        # Only the last stage has the (pre-divided) micro-batch losses: the others contribute 0
+        # and the sum over the pipeline group gives every rank the true loss.
+        loss = torch.stack([_local(x) for x in losses]).sum() if self.has_last else torch.zeros((), device=self.device)
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, group=self.group)
+        return loss
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
