@@ -143,6 +143,7 @@ class Parallelism:
                            "InterleavedZeroBubble, ZBVZeroBubble, DualPipeV (or torchtitan's names)")
     pp_stages_per_rank: int = opt(0, "pipeline stages per rank without split points; 0 = 1, or 2 for multi-stage schedules")
     pp_microbatches: int = opt(0, "pipeline micro-batches per batch; 0 = the number of stages")
+    pp_stage_timing: bool = opt(False, "log how much of each step this rank's stages compute (shows the bubble)")
 
 
 @dataclass
@@ -705,6 +706,9 @@ def _check_pipeline(cfg: Config, n_layers: int, dp_shard: int) -> None:
                  "pick a multi-stage schedule (Interleaved1F1B, LoopedBFS, ...) or fewer stages")
     _require(num_stages <= n_layers, "parallelism.pp", p.pp, f"{num_stages} stages for {n_layers} blocks",
              "use fewer stages than blocks")
+    _require(not (pl.is_v_shaped(cls) and cfg.validation.enabled), "validation.enabled", True,
+             f"not supported with {p.pp_schedule}: torch cannot run V-shaped schedules forward-only",
+             "use another pipeline schedule (e.g. Interleaved1F1B) or --no-validation.enabled")
     micro = p.pp_microbatches or num_stages
     if cls.__name__ in ("Schedule1F1B", "ScheduleDualPipeV"):
         _require(micro >= num_stages, "parallelism.pp_microbatches", micro,

@@ -45,6 +45,7 @@ from lathe.parallel.init import init_model_parts
 from lathe.parallel.pipeline import (
     PipelinePlan,
     PipelineRunner,
+    StageTimer,
     balanced_layer_ranges,
     build_stage_module,
     is_v_shaped,
@@ -253,10 +254,12 @@ def train(cfg: Config) -> TrainResult:
     for part in parts:
         part.to_empty(device=device)
     init_model_parts(parts, reference, device, t.seed)
-    pipeline = None
+    pipeline = stage_timer = None
     if plan is not None:
         pipeline = PipelineRunner(plan, parts, device, meshes.pp.get_group(), loss_fn=cross_entropy,
                                   accumulation=accum)
+        if cfg.parallelism.pp_stage_timing:
+            stage_timer = StageTimer(parts, device)
 
     optimizers = Optimizers(parts, cfg.optimizer)
     schedules = LRSchedules(optimizers, t.steps, cfg.lr_scheduler)
@@ -306,6 +309,8 @@ def train(cfg: Config) -> TrainResult:
                 logged = metrics.step(step, loss, step_fn.ntokens, step_fn.lr, step_fn.grad_norm)
                 if logged is not None:
                     train_state.loss_log.append([step, logged["loss"]])
+                    if stage_timer is not None:  # every rank reports its own stages
+                        logger.info(stage_timer.report(meshes.pp.get_local_rank(), plan.my_stages))
                 if logged is not None or step == t.steps:
                     guard.check()
                 if step == first_step:

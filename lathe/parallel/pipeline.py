@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import time
 from dataclasses import dataclass
 
 import torch
@@ -195,6 +196,50 @@ class PipelineRunner:
         loss = loss.detach().clone()
         dist.all_reduce(loss, group=self.group)
         return loss
+
+
+class StageTimer:
+    """Measures how long this rank's stages compute (forward + backward) during pipeline steps.
+
+    The rest of the step is spent waiting for other stages (the bubble) or communicating:
+    ``bubble = 1 - compute / step time``. Hooks time each stage module's forward and backward;
+    on CUDA they synchronize, which slows training a little, so this is opt-in
+    (``parallelism.pp_stage_timing``).
+    """
+
+    def __init__(self, parts: list[nn.Module], device: torch.device):
+        self.device = device
+        self.compute = 0.0
+        self._window_start: float | None = None  # set by the first stage computation after a report
+        self._start: dict[int, float] = {}
+        for i, part in enumerate(parts):
+            part.register_forward_pre_hook(lambda m, a, i=i: self._begin(("f", i)))
+            part.register_forward_hook(lambda m, a, o, i=i: self._end(("f", i)))
+            part.register_full_backward_pre_hook(lambda m, g, i=i: self._begin(("b", i)))
+            part.register_full_backward_hook(lambda m, gi, go, i=i: self._end(("b", i)))
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _begin(self, key) -> None:
+        self._start[key] = self._now()
+        if self._window_start is None:
+            self._window_start = self._start[key]
+
+    def _end(self, key) -> None:
+        start = self._start.pop(key, None)
+        if start is not None:
+            self.compute += self._now() - start
+
+    def report(self, pp_rank: int, stages: list[int]) -> str:
+        """Share of the time since the last report spent computing; resets the window."""
+        elapsed = self._now() - self._window_start if self._window_start is not None else 0.0
+        busy = min(self.compute / elapsed, 1.0) if elapsed > 0 else 0.0
+        self.compute, self._window_start = 0.0, None
+        return (f"pipeline rank {pp_rank} (stages {stages}): computing {busy:.0%} of the time, "
+                f"waiting or communicating {1 - busy:.0%} (the bubble)")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -214,6 +214,8 @@ def test_invalid_toml_is_reported(tmp_path):
     (["--parallelism.pp", "2", "--parallelism.pp_microbatches", "3"], 2, "does not split into 3 micro-batches"),
     (["--parallelism.pp", "2", "--parallelism.pp_microbatches", "1", "--training.batch_size", "4"], 2,
      "needs at least as many micro-batches as stages (2)"),
+    (["--parallelism.pp", "2", "--parallelism.pp_schedule", "ZBVZeroBubble", "--validation.enabled"], 2,
+     "torch cannot run V-shaped schedules forward-only"),
     (["--parallelism.pp", "2", "--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "1"], 4,
      "does not compose with pipeline parallel"),
 ])
