@@ -52,8 +52,9 @@ _DIR_CANDIDATES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.mode
 class Tokenizer:
     """Text <-> token ids.
 
-    Subclasses implement `encode`, `decode` and the four id properties; `encode_batch` has a
-    plain loop as default and may be overridden with something faster.
+    Subclasses implement `encode`, `decode` and `vocab_size`, and set ``_bos_id``, ``_eos_id`` (and
+    ``_pad_id`` if there is one); `encode_batch` has a plain loop as default and may be overridden
+    with something faster.
     """
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
@@ -73,18 +74,23 @@ class Tokenizer:
         """Number of distinct ids, special tokens included (ids are ``0 .. vocab_size - 1``)."""
         raise NotImplementedError
 
+    # Subclasses set these three in __init__.
+    _bos_id: int
+    _eos_id: int
+    _pad_id: int = -1
+
     @property
     def bos_id(self) -> int:
-        raise NotImplementedError
+        return self._bos_id
 
     @property
     def eos_id(self) -> int:
-        raise NotImplementedError
+        return self._eos_id
 
     @property
     def pad_id(self) -> int:
         """Id of the padding token, or -1 if the tokenizer has none."""
-        raise NotImplementedError
+        return self._pad_id
 
 
 class HFTokenizer(Tokenizer):
@@ -152,18 +158,6 @@ class HFTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos_id
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad_id
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -334,18 +328,6 @@ class TikTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._enc.n_vocab
 
-    @property
-    def bos_id(self) -> int:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos_id
-
-    @property
-    def pad_id(self) -> int:
-        return -1
-
     def __repr__(self) -> str:
         return f"TikTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
@@ -397,14 +379,6 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._sp.vocab_size()
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos_id
 
     @property
     def pad_id(self) -> int:
