@@ -1,7 +1,7 @@
 """Checkpoint save cost: how long each ``checkpoint.async_mode`` blocks training, on CPU.
 
-    python bench/checkpoint.py                    # debug model, batch 8 x seq 256, 20 steps, save every 5
-    python bench/checkpoint.py --steps 30 --interval 10 --batch-size 4 --seq-len 512 --repeats 2
+    python bench/checkpoint.py                    # debug model, batch 8 x seq 256, 20 steps, save every 5, x2
+    python bench/checkpoint.py --steps 30 --interval 10 --batch-size 4 --seq-len 512 --repeats 1
     python bench/checkpoint.py --modes off,async --keep /tmp/ckbench
 
 For the llama3 ``debugmodel`` (~8.9M parameters; model + AdamW state is ~109 MB per checkpoint in
@@ -30,10 +30,15 @@ Everything comes from what lathe writes itself:
   wait, since ``CheckpointManager.save`` starts its clock before waiting.
 - ``{dump}/metrics.jsonl`` with ``metrics.log_freq 1``: ``step_time`` of every step. Step 1
   (tokenizing the first data chunk, lazy init) is dropped. A step's logging window opens right
-  after the previous step's log, so the window of step K+1 contains the save made after step K:
-  the "after-save step" column is the median of those windows, and it also shows any slowdown from
-  the background writer competing for the CPU during that step. The final save happens after the
-  last window has closed and is in no step time.
+  after the previous step's log, so the window of step K+1 contains the save made after step K, and
+  the windows of the next steps contain whatever the background writer (a thread or a process
+  competing for the same cores) slows down. So, per run: the *clean median* is the median step
+  time over the steps that are not among the ``AFTER_SAVE`` (2) steps following an interval save,
+  and the *extra step time of a save* is the sum, over those following steps, of their excess over
+  the clean median. It is the training time one save really costs (blocked time plus contention),
+  and since it is measured against steps of the same run it is much less sensitive to the load of
+  the machine than a comparison with the ``off`` run. The final save happens after the last window
+  has closed and is in no step time.
 - the size on disk of one complete checkpoint (the first interval save, ``step-{interval}``).
 
 The final save (``step == training.steps``) is always synchronous in lathe, whatever the mode,
@@ -67,6 +72,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, FLAVOR = "llama3", "debugmodel"
 MODES = ("off", "disabled", "async", "async_with_pinned_mem")
+AFTER_SAVE = 2  # steps after an interval save whose step time is charged to it
 
 SAVE_RE = re.compile(r"checkpoint step (\d+): (written|writing in the background \(([\w]+)\)), "
                      r"training blocked ([\d.]+)s")
@@ -83,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated subset of {', '.join(MODES)} (default: all, in that order)")
     p.add_argument("--threads", type=int, default=0,
                    help="OMP_NUM_THREADS for the runs (default 0: leave torch's default, one per core)")
-    p.add_argument("--repeats", type=int, default=1, help="cycle through the modes this many times (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="cycle through the modes this many times (default 2)")
     p.add_argument("--timeout", type=int, default=900, help="seconds before a run is killed (default 900)")
     p.add_argument("--keep", metavar="DIR", help="keep each run's dump folder under DIR (else temporary)")
     args = p.parse_args(argv)
@@ -218,9 +224,24 @@ def fmt(x: float | None, spec: str = ".2f", unit: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{unit}"
 
 
-def summarize(mode: str, runs: list[Run]) -> dict:
-    measured = [t for r in runs for s, t in r.step_times.items() if s >= 2]
-    after_save = [r.step_times[s + 1] for r in runs for s in r.saves if s + 1 in r.step_times]
+def save_costs(run: Run, interval: int) -> tuple[float | None, list[float]]:
+    """(clean median step time, extra step time of each interval save) of one run."""
+    span = min(AFTER_SAVE, interval)
+    charged = {k + j: k for k in run.saves for j in range(1, span + 1)}
+    clean = med([t for s, t in run.step_times.items() if s >= 2 and s not in charged])
+    if clean is None:
+        return None, []
+    extra = {k: 0.0 for k in run.saves}
+    for s, k in charged.items():
+        if s in run.step_times:
+            extra[k] += run.step_times[s] - clean
+    return clean, list(extra.values())
+
+
+def summarize(mode: str, runs: list[Run], interval: int) -> dict:
+    costs = [save_costs(r, interval) for r in runs]
+    clean = [c for c, _ in costs if c is not None]
+    extra = [e for _, es in costs for e in es]
     blocked = [b for r in runs for b in r.saves.values()]
     finals = [r.final_blocked for r in runs if r.final_blocked is not None]
     sizes = [r.ckpt_bytes for r in runs if r.ckpt_bytes]
@@ -232,9 +253,9 @@ def summarize(mode: str, runs: list[Run]) -> dict:
         "waited": sum(sum(r.waits.values()) for r in runs) / len(runs),
         "waited_before_final": sum(r.waits.get(max(r.saves, default=-1), 0.0) for r in runs) / len(runs),
         "final": med(finals),
-        "step_med": med(measured),
-        "step_mean": statistics.fmean(measured) if measured else None,
-        "after_save": med(after_save),
+        "clean_med": med(clean),  # median over runs of each run's clean median
+        "extra_med": med(extra),
+        "extra_max": max(extra) if extra else None,
         "size_mb": sizes[0] / 1e6 if sizes else None,
         "wall": statistics.fmean(r.wall_s for r in runs),
         "load": ", ".join(f"{r.load_avg:.1f}" for r in runs),
@@ -242,23 +263,27 @@ def summarize(mode: str, runs: list[Run]) -> dict:
     }
 
 
+def pair(r: dict, a: str, b: str) -> str:
+    return "-" if r["mode"] == "off" else f"{fmt(r[a], '.2f', ' s')} / {fmt(r[b], '.2f', ' s')}"
+
+
 def print_table(rows: list[dict], base: float | None) -> None:
-    head = ("| mode | interval saves | blocked per save, median / max | waited for bg write, total "
-            "| final save (sync) | median step | after-save step | mean step | vs off (median) "
-            "| checkpoint size | run wall | load avg at start |")
+    head = ("| mode | interval saves per run | training blocked per save, median / max "
+            "| waited for the background write, per run | final save (sync) "
+            "| extra step time per save, median / max | median step (clean) | vs off "
+            "| checkpoint size | wall per run | load avg at start |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         off = r["mode"] == "off"
-        rel = None if (base is None or r["step_med"] is None) else r["step_med"] / base
+        rel = None if (base is None or r["clean_med"] is None) else r["clean_med"] / base
         print(f"| {r['mode']} "
               f"| {'-' if off else format(r['saves'], 'g')} "
-              f"| {'-' if off else fmt(r['blocked_med'], '.2f', ' s') + ' / ' + fmt(r['blocked_max'], '.2f', ' s')} "
+              f"| {pair(r, 'blocked_med', 'blocked_max')} "
               f"| {'-' if off else fmt(r['waited'], '.2f', ' s')} "
               f"| {'-' if off else fmt(r['final'], '.2f', ' s')} "
-              f"| {fmt(r['step_med'], '.3f', ' s')} "
-              f"| {'-' if off else fmt(r['after_save'], '.3f', ' s')} "
-              f"| {fmt(r['step_mean'], '.3f', ' s')} "
+              f"| {pair(r, 'extra_med', 'extra_max')} "
+              f"| {fmt(r['clean_med'], '.3f', ' s')} "
               f"| {fmt(rel, '.2f', 'x')} "
               f"| {'-' if off else fmt(r['size_mb'], '.1f', ' MB')} "
               f"| {r['wall']:.0f} s | {r['load']} |")
@@ -286,26 +311,30 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(dump)
                 run = run_once(args, mode, dump)
                 runs[mode].append(run)
+                clean, extra = save_costs(run, args.interval)
                 saves = ", ".join(f"{s}: {b:.2f}s" for s, b in sorted(run.saves.items()))
-                print(f"  [{rep + 1}/{args.repeats}] {mode:<22} {run.wall_s:5.0f} s wall, load {run.load_avg:.1f}"
-                      + (f"; blocked {saves}; final {fmt(run.final_blocked)} s" if mode != "off" else ""),
-                      flush=True)
+                print(f"  [{rep + 1}/{args.repeats}] {mode:<22} {run.wall_s:4.0f} s wall, load {run.load_avg:.1f}, "
+                      f"clean median step {fmt(clean, '.3f')} s"
+                      + (f"; blocked {saves}; extra step time {', '.join(f'{e:.2f}s' for e in extra)}; "
+                         f"final {fmt(run.final_blocked)} s" if mode != "off" else ""), flush=True)
                 if not args.keep:  # ~110 MB per checkpoint: free the disk as we go
                     shutil.rmtree(dump, ignore_errors=True)
     finally:
         if not args.keep:
             shutil.rmtree(parent, ignore_errors=True)
 
-    rows = [summarize(m, runs[m]) for m in args.modes]
-    base = next((r["step_med"] for r in rows if r["mode"] == "off"), None)
+    rows = [summarize(m, runs[m], args.interval) for m in args.modes]
+    base = next((r["clean_med"] for r in rows if r["mode"] == "off"), None)
     print()
     print_table(rows, base)
     print()
-    print("blocked: training time lost per interval save as lathe logs it (it includes any wait for the "
-          "previous background write); final save: always synchronous, and it first waits for the last "
-          "background write; after-save step: median step_time of the step right after an interval save "
-          "(its window contains the save); checkpoint size: one complete step-N folder (model + AdamW "
-          "state, fp32).")
+    print(f"training blocked: per interval save, as lathe logs it (includes any wait for the previous "
+          f"background write). final save: always synchronous; it first waits for the last background "
+          f"write. extra step time: sum of the excess step_time of the {AFTER_SAVE} steps after an interval "
+          f"save over the run's clean median (steps not following a save); that is blocked time plus the "
+          f"slowdown from the background writer. vs off: clean median / the off run's median (different "
+          f"runs: mostly shows how the machine's load changed). checkpoint size: one complete step-N "
+          f"folder (model + AdamW state, fp32).")
     for r in rows:
         if r["mode"] != "off" and r["waited_before_final"] > 0:
             print(f"{r['mode']}: {r['waited_before_final']:.2f} s of the waited time was the final save "
