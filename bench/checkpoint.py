@@ -47,11 +47,16 @@ of the blocked-time statistics.
 
 Noise
 -----
-The runs are sequential, not interleaved, so they see whatever else the machine is doing at the
-time; the 1-minute load average at the start of each run is printed next to it. On a small shared
-machine (e.g. 2 cores with test suites running) step times can vary several-fold between runs:
-compare the blocked times (short, measured inside one run) with more confidence than step times
-across runs. ``--repeats N`` cycles through all modes N times and pools the numbers.
+The runs are sequential, not interleaved, so each sees whatever else the machine is doing at the
+time. On a small shared CPU this is not a few percent: with torch using both cores of a 2-core
+machine, one other busy process can make a debug-model step 5-15x slower (its threads wait on each
+other), and that load comes and goes within a run. So the script cycles through all modes
+``--repeats`` times (default 2) and keeps, for each mode, only the *quiet* runs: those whose clean
+median step time is within ``QUIET_FACTOR`` (1.25x) of the fastest clean median of any run (the
+machine's floor). If a mode has no quiet run, all its runs are used and the table says so (the
+"quiet runs used" column); ``--extra-repeats N`` reruns, up to N more times, each mode that has
+no quiet run yet. The 1-minute load average at the start of each run is printed too.
+Even so, treat step-time differences of less than ~10% between modes as noise.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL, FLAVOR = "llama3", "debugmodel"
 MODES = ("off", "disabled", "async", "async_with_pinned_mem")
 AFTER_SAVE = 2  # steps after an interval save whose step time is charged to it
+QUIET_FACTOR = 1.25  # a run is "quiet" if its clean median step is within this factor of the fastest
 
 SAVE_RE = re.compile(r"checkpoint step (\d+): (written|writing in the background \(([\w]+)\)), "
                      r"training blocked ([\d.]+)s")
@@ -90,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="OMP_NUM_THREADS for the runs (default 0: leave torch's default, one per core)")
     p.add_argument("--repeats", type=int, default=2, help="cycle through the modes this many times (default 2)")
+    p.add_argument("--extra-repeats", type=int, default=0,
+                   help="then rerun, up to this many times, each mode that has no quiet run yet (default 0)")
     p.add_argument("--timeout", type=int, default=900, help="seconds before a run is killed (default 900)")
     p.add_argument("--keep", metavar="DIR", help="keep each run's dump folder under DIR (else temporary)")
     args = p.parse_args(argv)
@@ -97,8 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
-    if args.steps < 3 or args.interval < 1 or args.repeats < 1 or args.threads < 0:
-        p.error("--steps must be >= 3, --interval and --repeats >= 1, --threads >= 0")
+    if args.steps < 3 or args.interval < 1 or args.repeats < 1 or args.threads < 0 or args.extra_repeats < 0:
+        p.error("--steps must be >= 3, --interval and --repeats >= 1, --threads and --extra-repeats >= 0")
     if args.interval >= args.steps:
         p.error("--interval must be < --steps, or only the final (synchronous) save happens")
     return args
@@ -238,7 +246,11 @@ def save_costs(run: Run, interval: int) -> tuple[float | None, list[float]]:
     return clean, list(extra.values())
 
 
-def summarize(mode: str, runs: list[Run], interval: int) -> dict:
+def summarize(mode: str, all_runs: list[Run], interval: int, floor: float | None) -> dict:
+    """Statistics over the quiet runs of a mode (all of its runs if none is quiet)."""
+    quiet = [r for r in all_runs if floor is not None and (c := save_costs(r, interval)[0]) is not None
+             and c <= QUIET_FACTOR * floor]
+    runs = quiet or all_runs
     costs = [save_costs(r, interval) for r in runs]
     clean = [c for c, _ in costs if c is not None]
     extra = [e for _, es in costs for e in es]
@@ -258,7 +270,8 @@ def summarize(mode: str, runs: list[Run], interval: int) -> dict:
         "extra_max": max(extra) if extra else None,
         "size_mb": sizes[0] / 1e6 if sizes else None,
         "wall": statistics.fmean(r.wall_s for r in runs),
-        "load": ", ".join(f"{r.load_avg:.1f}" for r in runs),
+        "load": ", ".join(f"{r.load_avg:.1f}" for r in all_runs),
+        "used": f"{len(quiet)}/{len(all_runs)}" + ("" if quiet else " (none quiet: all used)"),
         "problems": [p for r in runs for p in r.problems],
     }
 
@@ -271,7 +284,7 @@ def print_table(rows: list[dict], base: float | None) -> None:
     head = ("| mode | interval saves per run | training blocked per save, median / max "
             "| waited for the background write, per run | final save (sync) "
             "| extra step time per save, median / max | median step (clean) | vs off "
-            "| checkpoint size | wall per run | load avg at start |")
+            "| checkpoint size | wall per run | quiet runs used | load avg at start (all runs) |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
@@ -286,7 +299,7 @@ def print_table(rows: list[dict], base: float | None) -> None:
               f"| {fmt(r['clean_med'], '.3f', ' s')} "
               f"| {fmt(rel, '.2f', 'x')} "
               f"| {'-' if off else fmt(r['size_mb'], '.1f', ' MB')} "
-              f"| {r['wall']:.0f} s | {r['load']} |")
+              f"| {r['wall']:.0f} s | {r['used']} | {r['load']} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,27 +316,50 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[Run]] = {m: [] for m in args.modes}
     parent = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lathe-ckbench-"))
     parent.mkdir(parents=True, exist_ok=True)
+
+    def floor() -> float | None:
+        return min((c for rs in runs.values() for r in rs if (c := save_costs(r, args.interval)[0]) is not None),
+                   default=None)
+
+    def is_quiet(run: Run, lowest: float | None) -> bool:
+        clean = save_costs(run, args.interval)[0]
+        return clean is not None and lowest is not None and clean <= QUIET_FACTOR * lowest
+
+    def one(label: str, mode: str) -> None:
+        n = len(runs[mode])
+        dump = parent / f"{mode}-{n}" if args.keep else Path(tempfile.mkdtemp(prefix=f"{mode}-", dir=parent))
+        if args.keep and dump.exists():
+            shutil.rmtree(dump)
+        run = run_once(args, mode, dump)
+        runs[mode].append(run)
+        clean, extra = save_costs(run, args.interval)
+        saves = ", ".join(f"{s}: {b:.2f}s" for s, b in sorted(run.saves.items()))
+        print(f"  [{label}] {mode:<22} {run.wall_s:4.0f} s wall, load {run.load_avg:.1f}, "
+              f"clean median step {fmt(clean, '.3f')} s"
+              + (f"; blocked {saves}; extra step time {', '.join(f'{e:.2f}s' for e in extra)}; "
+                 f"final {fmt(run.final_blocked)} s" if mode != "off" else ""), flush=True)
+        if not args.keep:  # ~110 MB per checkpoint: free the disk as we go
+            shutil.rmtree(dump, ignore_errors=True)
+
     try:
         for rep in range(args.repeats):
             for mode in args.modes:
-                dump = parent / f"{mode}-{rep}" if args.keep else Path(tempfile.mkdtemp(prefix=f"{mode}-", dir=parent))
-                if args.keep and dump.exists():
-                    shutil.rmtree(dump)
-                run = run_once(args, mode, dump)
-                runs[mode].append(run)
-                clean, extra = save_costs(run, args.interval)
-                saves = ", ".join(f"{s}: {b:.2f}s" for s, b in sorted(run.saves.items()))
-                print(f"  [{rep + 1}/{args.repeats}] {mode:<22} {run.wall_s:4.0f} s wall, load {run.load_avg:.1f}, "
-                      f"clean median step {fmt(clean, '.3f')} s"
-                      + (f"; blocked {saves}; extra step time {', '.join(f'{e:.2f}s' for e in extra)}; "
-                         f"final {fmt(run.final_blocked)} s" if mode != "off" else ""), flush=True)
-                if not args.keep:  # ~110 MB per checkpoint: free the disk as we go
-                    shutil.rmtree(dump, ignore_errors=True)
+                one(f"{rep + 1}/{args.repeats}", mode)
+        for extra_round in range(args.extra_repeats):
+            lowest = floor()
+            missing = [m for m in args.modes if not any(is_quiet(r, lowest) for r in runs[m])]
+            if not missing:
+                break
+            print(f"  no quiet run yet for {', '.join(missing)}: running {'it' if len(missing) == 1 else 'them'} "
+                  "again", flush=True)
+            for mode in missing:
+                one(f"extra {extra_round + 1}/{args.extra_repeats}", mode)
     finally:
         if not args.keep:
             shutil.rmtree(parent, ignore_errors=True)
 
-    rows = [summarize(m, runs[m], args.interval) for m in args.modes]
+    lowest = floor()
+    rows = [summarize(m, runs[m], args.interval, lowest) for m in args.modes]
     base = next((r["clean_med"] for r in rows if r["mode"] == "off"), None)
     print()
     print_table(rows, base)
@@ -334,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
           f"save over the run's clean median (steps not following a save); that is blocked time plus the "
           f"slowdown from the background writer. vs off: clean median / the off run's median (different "
           f"runs: mostly shows how the machine's load changed). checkpoint size: one complete step-N "
-          f"folder (model + AdamW state, fp32).")
+          f"folder (model + AdamW state, fp32). All columns but the last use only the quiet runs "
+          f"(clean median step <= {QUIET_FACTOR}x the fastest run's, {fmt(lowest, '.3f')} s).")
     for r in rows:
         if r["mode"] != "off" and r["waited_before_final"] > 0:
             print(f"{r['mode']}: {r['waited_before_final']:.2f} s of the waited time was the final save "
