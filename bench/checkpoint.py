@@ -52,16 +52,25 @@ time. On a small shared CPU this is not a few percent: with torch using both cor
 machine, one other busy process can make a debug-model step 5-15x slower (its threads wait on each
 other), and that load comes and goes within a run. So the script cycles through all modes
 ``--repeats`` times (default 2) and keeps, for each mode, only the *quiet* runs: those whose clean
-median step time is within ``QUIET_FACTOR`` (1.25x) of the fastest clean median of any run (the
+median step time is within ``QUIET_FACTOR`` (1.5x) of the fastest clean median of any run (the
 machine's floor). If a mode has no quiet run, all its runs are used and the table says so (the
 "quiet runs used" column); ``--extra-repeats N`` reruns, up to N more times, each mode that has
 no quiet run yet. The 1-minute load average at the start of each run is printed too.
 Even so, treat step-time differences of less than ~10% between modes as noise.
+
+OpenMP waiting policy
+---------------------
+lathe's CLI sets ``OMP_WAIT_POLICY=PASSIVE`` (unless already set) when an async mode is on, so by
+default the async runs use passive waiting and the ``off``/``disabled`` runs OpenMP's default
+(busy-waiting for a while). That alone changes every step's time on a small CPU, which then shows in
+the clean median and "vs off" columns. ``--omp-wait-policy active|passive`` sets the same policy for
+every run, to compare the modes on equal terms or the policies with each other.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -78,7 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL, FLAVOR = "llama3", "debugmodel"
 MODES = ("off", "disabled", "async", "async_with_pinned_mem")
 AFTER_SAVE = 2  # steps after an interval save whose step time is charged to it
-QUIET_FACTOR = 1.25  # a run is "quiet" if its clean median step is within this factor of the fastest
+QUIET_FACTOR = 1.5  # a run is "quiet" if its clean median step is within this factor of the fastest
 
 SAVE_RE = re.compile(r"checkpoint step (\d+): (written|writing in the background \(([\w]+)\)), "
                      r"training blocked ([\d.]+)s")
@@ -95,10 +104,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated subset of {', '.join(MODES)} (default: all, in that order)")
     p.add_argument("--threads", type=int, default=0,
                    help="OMP_NUM_THREADS for the runs (default 0: leave torch's default, one per core)")
+    p.add_argument("--omp-wait-policy", choices=("lathe", "active", "passive"), default="lathe",
+                   help="OMP_WAIT_POLICY for every run (default 'lathe': left to the environment and lathe, "
+                        "whose CLI sets PASSIVE when an async mode is on and it is not set)")
     p.add_argument("--repeats", type=int, default=2, help="cycle through the modes this many times (default 2)")
     p.add_argument("--extra-repeats", type=int, default=0,
                    help="then rerun, up to this many times, each mode that has no quiet run yet (default 0)")
     p.add_argument("--timeout", type=int, default=900, help="seconds before a run is killed (default 900)")
+    p.add_argument("--json", metavar="FILE", help="also write every run's raw numbers to FILE")
     p.add_argument("--keep", metavar="DIR", help="keep each run's dump folder under DIR (else temporary)")
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -158,6 +171,8 @@ def run_once(args: argparse.Namespace, mode: str, dump: Path) -> Run:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.omp_wait_policy != "lathe":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     log_path = dump / "train.log"
     t0 = time.perf_counter()
     with log_path.open("w") as log:
@@ -310,8 +325,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.steps} steps, checkpoint.interval {args.interval} (+ the final save), CPU "
           f"({os.cpu_count()} cores), torch {torch.__version__}", flush=True)
     threads = args.threads or f"torch default ({torch.get_num_threads()})"
+    policy = (args.omp_wait_policy.upper() if args.omp_wait_policy != "lathe"
+              else f"{os.environ['OMP_WAIT_POLICY']} (from the environment)" if "OMP_WAIT_POLICY" in os.environ
+              else "lathe's choice (its CLI sets PASSIVE for the async modes)")
     print(f"modes: {', '.join(args.modes)}; repeats: {args.repeats}; threads: {threads}; "
-          "step 1 dropped from step times", flush=True)
+          f"OMP_WAIT_POLICY: {policy}; step 1 dropped from step times", flush=True)
     t_start = time.perf_counter()
     runs: dict[str, list[Run]] = {m: [] for m in args.modes}
     parent = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lathe-ckbench-"))
@@ -360,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
 
     lowest = floor()
     rows = [summarize(m, runs[m], args.interval, lowest) for m in args.modes]
+    if args.json:
+        raw = {m: [dataclasses.asdict(r) for r in rs] for m, rs in runs.items()}
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": raw, "summary": rows}, indent=1))
     base = next((r["clean_med"] for r in rows if r["mode"] == "off"), None)
     print()
     print_table(rows, base)
@@ -369,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
           f"write. extra step time: sum of the excess step_time of the {AFTER_SAVE} steps after an interval "
           f"save over the run's clean median (steps not following a save); that is blocked time plus the "
           f"slowdown from the background writer. vs off: clean median / the off run's median (different "
-          f"runs: mostly shows how the machine's load changed). checkpoint size: one complete step-N "
-          f"folder (model + AdamW state, fp32). All columns but the last use only the quiet runs "
-          f"(clean median step <= {QUIET_FACTOR}x the fastest run's, {fmt(lowest, '.3f')} s).")
+          f"runs: load changes, and the OMP_WAIT_POLICY when it differs between modes). checkpoint "
+          f"size: one complete step-N folder (model + AdamW state, fp32). All columns but the last use "
+          f"only the quiet runs (clean median step <= {QUIET_FACTOR}x the fastest run's, {fmt(lowest, '.3f')} s).")
     for r in rows:
         if r["mode"] != "off" and r["waited_before_final"] > 0:
             print(f"{r['mode']}: {r['waited_before_final']:.2f} s of the waited time was the final save "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from lathe.errors import ConfigError
@@ -45,12 +44,6 @@ def cmd_train(argv: list[str]) -> int:
         print(config_lib.to_toml(cfg), end="")
         return 0
     setup_logging()
-    if cfg.checkpoint.enable_checkpoint and cfg.checkpoint.async_mode != "disabled":
-        # A background checkpoint writer competes with training's OpenMP threads for the cores;
-        # with OpenMP's default busy-waiting, CPU training then slows several-fold (measured:
-        # mean step 0.66 s -> 5.1 s on 2 cores; docs/performance.md). Passive waiting avoids it.
-        # Read when OpenMP loads, i.e. before torch is imported below.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lathe.trainer import TrainingError, train  # heavy imports only when training
 
     from lathe.parallel import distributed

@@ -331,6 +331,13 @@ def train(cfg: Config) -> TrainResult:
                 if snapshotter is not None:
                     snapshotter.step()
         checkpointer.close()
+    except BaseException:
+        # Commit an async save still in flight (it passed the finite check when it started). Only
+        # on one process: with several, the other ranks may not reach this point, and committing
+        # needs all of them; the partial folder is then discarded at the next start.
+        if distributed.world_size() == 1:
+            checkpointer.close()
+        raise
     finally:
         metrics.close()
         close = getattr(data, "close", None)
