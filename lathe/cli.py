@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from lathe.errors import ConfigError
@@ -19,6 +20,8 @@ USAGE = """usage: lathe COMMAND [options]
 
 commands:
   train        train a model (lathe train --help lists every option)
+  launch       torchrun with clean exit codes, preemption and restarts (lathe launch --help)
+  slurm        write or submit a Slurm batch script for a run (lathe slurm --help)
   tokenizer    tokenizer tools (lathe tokenizer train --help)
   convert      lathe checkpoints <-> Hugging Face safetensors (lathe convert --help)
   seed-checkpoint  write initial weights (step-0) on one process, then exit
@@ -44,12 +47,13 @@ def cmd_train(argv: list[str]) -> int:
         print(config_lib.to_toml(cfg), end="")
         return 0
     setup_logging()
+    from lathe import launch
+    from lathe.checkpoint.preemption import Preempted
+    from lathe.parallel import distributed
     from lathe.trainer import TrainingError, train  # heavy imports only when training
 
-    from lathe.parallel import distributed
-
-    from lathe.checkpoint.preemption import EXIT_PREEMPTED, Preempted
-
+    if "LOCAL_RANK" in os.environ:  # a torchrun worker: never outlive the launcher
+        launch.die_with_parent()
     code = 0
     try:
         train(cfg)
@@ -57,8 +61,19 @@ def cmd_train(argv: list[str]) -> int:
         print(f"lathe: error: {e}", file=sys.stderr)
         code = EXIT_TRAINING_ERROR
     except Preempted as e:
-        logging.getLogger("lathe").warning("%s (exit code %d)", e, EXIT_PREEMPTED)
-        code = EXIT_PREEMPTED
+        code = launch.worker_preempted()
+        logging.getLogger("lathe").warning("%s (exit code %d)", e, code)
+    except ConfigError as e:
+        handed_over = launch.worker_config_error(e)
+        if distributed.world_size() == 1 and not handed_over:
+            raise  # main() prints the one line
+        if not handed_over:
+            print(f"lathe: error: {e}", file=sys.stderr)
+        # Other ranks may be inside a collective: leave now, without a barrier. torchrun (or
+        # `lathe launch`, which prints this rank's line once) ends the rest.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_CONFIG_ERROR)
     if distributed.world_size() > 1:
         distributed.finish(code)  # tears down the process group and exits; see its docstring
     return code
@@ -133,7 +148,21 @@ def cmd_config_docs(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "convert": cmd_convert,
+def cmd_launch(argv: list[str]) -> int:
+    """``lathe launch [torchrun options] -- [train options]`` (see lathe/launch.py)."""
+    from lathe.launch import main as launch_main
+
+    return launch_main(argv)
+
+
+def cmd_slurm(argv: list[str]) -> int:
+    """``lathe slurm [options] -- [train options]``: write (and submit) an sbatch script."""
+    from lathe.slurm import main as slurm_main
+
+    return slurm_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "tokenizer": cmd_tokenizer, "convert": cmd_convert,
             "seed-checkpoint": cmd_seed_checkpoint, "config-docs": cmd_config_docs}
 
 

@@ -169,6 +169,13 @@ class Checkpoint:
     initial_load_path: Optional[str] = opt(
         None, "a step-N folder to start from when this run has no checkpoint yet (e.g. another run's)")
     initial_load_model_only: bool = opt(True, "from initial_load_path, load model weights only (not optimizer, data, step)")
+    initial_load_allow_model_change: bool = opt(
+        False, "load initial_load_path into a model whose config differs (norm, RoPE...): warn instead of refusing")
+    verify: str = opt("full", "before loading, check every file against the checkpoint's checksum manifest: "
+                      "full (every byte), sampled (sizes, small files, 1 shard chunk in 8), off (files exist)",
+                      ("full", "sampled", "off"))
+    on_damaged: str = opt("fallback", "a damaged latest checkpoint: fallback = warn and load the newest earlier "
+                          "one that verifies; error = stop", ("fallback", "error"))
 
 
 @dataclass
@@ -212,6 +219,9 @@ class Comm:
     init_timeout_seconds: int = opt(300, "collective timeout during init and the first step")
     train_timeout_seconds: int = opt(100, "collective timeout after the first step")
     trace_buf_size: int = opt(20000, "NCCL flight-recorder entries; 0 disables")
+    watchdog_timeout_seconds: int = opt(
+        90, "a rank that finishes no step for this long (saves and validation excepted) ends the job, naming "
+            "the ranks that stopped; 0 disables (keep it below train_timeout_seconds)")
 
 
 @dataclass

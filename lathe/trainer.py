@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import json
 import logging
 import os
 import time
@@ -55,7 +56,9 @@ from lathe.parallel.pipeline import (
     stages_per_rank,
 )
 from lathe.parallel.tensor import apply_tp
+from lathe.parallel.watchdog import Watchdog
 from lathe.profiling import maybe_memory_snapshot, maybe_profile
+from lathe.runlock import RunLock, check_writable
 
 logger = logging.getLogger("lathe")
 
@@ -196,6 +199,56 @@ class NonFiniteGuard:
                                 "training.max_norm > 0 to clip gradients")
 
 
+def last_logged_step(dump_folder: Path) -> int:
+    """The last step an earlier run in this folder logged (0 if none): how far it really got."""
+    path = dump_folder / "metrics.jsonl"
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 65536))
+            tail = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return 0
+    for line in reversed(tail):
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError, TypeError):
+            continue
+    return 0
+
+
+def log_restart(resumed_step: int, last_logged: int) -> None:
+    """Say which restart this is (Slurm requeue, torchrun restart) and how much work was lost."""
+    slurm = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
+    elastic = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
+    if slurm or elastic:
+        logger.info("restart: Slurm job %s restart %d, torchrun restart %d; resuming at step %d",
+                    os.environ.get("SLURM_JOB_ID", "-"), slurm, elastic, resumed_step)
+    if last_logged > resumed_step:
+        logger.warning("the previous run reached step %d, its last complete checkpoint is step %d: %d step%s of "
+                       "work lost", last_logged, resumed_step, last_logged - resumed_step,
+                       "" if last_logged - resumed_step == 1 else "s")
+
+
+def check_activation_floor(cfg: Config) -> None:
+    """Refuse a micro-batch that cannot fit however the run is laid out: its activations need at
+    least one value per model dimension per layer per token (the real need is many times that),
+    divided over the ranks that shard the sequence or the hidden dimension."""
+    import psutil
+
+    t, p = cfg.training, cfg.parallelism
+    flavor = MODELS[cfg.model.name].flavors[cfg.model.flavor]
+    floor = t.batch_size * t.seq_len * flavor.dim * (flavor.n_layers + 1) * 2 / max(1, p.tp * p.cp)
+    if torch.cuda.is_available() and t.device != "cpu":
+        available, where = torch.cuda.get_device_properties(0).total_memory, "GPU memory"
+    else:
+        available, where = psutil.virtual_memory().total, "host memory"
+    if floor > available:
+        raise config_lib.ConfigError(
+            "training.seq_len", f"a micro-batch of {t.batch_size} x {t.seq_len:,} tokens needs more than "
+            f"{floor / 2**30:,.0f} GiB of activations per rank; this machine has {available / 2**30:,.0f} GiB of {where}",
+            "lower training.seq_len or training.batch_size, or shard the sequence over more ranks", t.seq_len)
+
+
 def write_run_config(cfg: Config, dump_folder: Path) -> None:
     dump_folder.mkdir(parents=True, exist_ok=True)
     (dump_folder / "config.toml").write_text(config_lib.to_toml(cfg))
@@ -208,8 +261,22 @@ def write_run_config(cfg: Config, dump_folder: Path) -> None:
 def train(cfg: Config) -> TrainResult:
     world_size = distributed.world_size()
     config_lib.validate(cfg, world_size=world_size, cuda_available=torch.cuda.is_available())
-    t = cfg.training
+    check_activation_floor(cfg)
     dump_folder = Path(cfg.job.dump_folder)
+    check_writable(dump_folder, "job.dump_folder")
+    if cfg.checkpoint.enable_checkpoint:
+        check_writable(dump_folder / cfg.checkpoint.folder, "checkpoint.folder")
+    # One run per folder: rank 0 holds the lock from before anything is written until the end.
+    lock = RunLock(dump_folder).acquire() if distributed.rank() == 0 else None
+    try:
+        return _train(cfg, dump_folder)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, dump_folder: Path) -> TrainResult:
+    t = cfg.training
     is_logging_rank = distributed.rank() == 0
     if is_logging_rank:
         write_run_config(cfg, dump_folder)
@@ -219,9 +286,10 @@ def train(cfg: Config) -> TrainResult:
 
     device = pick_device(cfg)
     ck = cfg.checkpoint
+    distributed.set_nccl_defaults(cfg.comm.trace_buf_size, dump_folder)
     own_group = distributed.init(device, cfg.comm.init_timeout_seconds,
                                  single_process_group=ck.enable_checkpoint and ck.async_mode == "async_with_pinned_mem")
-    dims = ParallelDims.from_config(cfg.parallelism, world_size)
+    dims = ParallelDims.from_config(cfg.parallelism, distributed.world_size())
     meshes = dims.build_meshes(device.type)
     dp_rank = meshes.dp.get_local_rank() if meshes.dp is not None else 0
     dp_degree = dims.dp
@@ -270,7 +338,21 @@ def train(cfg: Config) -> TrainResult:
         checkpointer.save(0, last_step=True, weights_only=True)
         logger.info("seed checkpoint written to %s", checkpointer.folder / "step-0")
         return TrainResult(dump_folder=dump_folder, model_parts=parts)
+    last_logged = last_logged_step(dump_folder) if is_logging_rank else 0
     checkpointer.load()
+    if is_logging_rank:
+        log_restart(train_state.step, last_logged)
+    if train_state.step > t.steps:
+        raise config_lib.ConfigError(
+            "training.steps", f"the checkpoint this run resumes from is at step {train_state.step}, beyond it",
+            f"set training.steps above {train_state.step} to train on, or use another job.dump_folder", t.steps)
+    if train_state.step == t.steps and t.steps > 0:
+        logger.info("nothing to train: the run is complete at step %d (raise training.steps to continue)",
+                    train_state.step)
+        if hasattr(data, "close"):
+            data.close()
+        return TrainResult(steps=train_state.step, tokens=train_state.tokens_seen, dump_folder=dump_folder,
+                           model_parts=parts)
 
     metrics = MetricsProcessor(
         log_freq=cfg.metrics.log_freq, device=device, flops_per_token=flops, dump_folder=dump_folder,
@@ -292,6 +374,7 @@ def train(cfg: Config) -> TrainResult:
     prof = cfg.profiling
     step_losses: dict[int, torch.Tensor] = {}
     first_step = train_state.step + 1  # collective timeouts tighten once it is done
+    watchdog = None  # started after the first step (compilation, lazy init)
     try:
         with maybe_profile(prof.enable_profiling, dump_folder / prof.save_traces_folder,
                            prof.profile_freq, global_step=train_state.step) as profiler, \
@@ -315,15 +398,20 @@ def train(cfg: Config) -> TrainResult:
                     guard.check()
                 if step == first_step:
                     distributed.set_train_timeout(cfg.comm.train_timeout_seconds)
+                    watchdog = Watchdog.maybe_start(cfg.comm.watchdog_timeout_seconds)
+                if watchdog is not None:
+                    watchdog.progress(step)
 
                 last = step == t.steps
                 if validator is not None and (step % cfg.validation.freq == 0 or last):
-                    metrics.log_validation(step, step_fn.validate(validator))
+                    with suspended(watchdog):
+                        metrics.log_validation(step, step_fn.validate(validator))
                 preempted = preemption is not None and checkpointer.agree(preemption.requested)
                 if preempted or checkpointer.should_save(step, last):
                     guard.check()  # never checkpoint a diverged model
-                    checkpointer.save(step, last_step=last or preempted,
-                                      weights_only=last and cfg.checkpoint.model_weights_only)
+                    with suspended(watchdog):
+                        checkpointer.save(step, last_step=last or preempted,
+                                          weights_only=last and cfg.checkpoint.model_weights_only)
                 if preempted:
                     raise Preempted(step)
                 if profiler is not None:
@@ -339,6 +427,8 @@ def train(cfg: Config) -> TrainResult:
             checkpointer.close()
         raise
     finally:
+        if watchdog is not None:
+            watchdog.close()
         metrics.close()
         close = getattr(data, "close", None)
         if close is not None:
@@ -354,6 +444,10 @@ def train(cfg: Config) -> TrainResult:
     logger.info("training completed: %d steps, %s tokens, metrics in %s", result.steps,
                 f"{result.tokens:,}", dump_folder / "metrics.jsonl")
     return result
+
+
+def suspended(watchdog: Watchdog | None):
+    return watchdog.suspend() if watchdog is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

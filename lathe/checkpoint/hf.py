@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from lathe.checkpoint.manager import FORMAT_VERSION, EXPORT_DTYPES, SafeLoadPlanner, read_train_state
+from lathe.checkpoint import integrity
+from lathe.checkpoint.integrity import DamagedCheckpoint, SafeFileSystemReader
+from lathe.checkpoint.manager import FORMAT_VERSION, EXPORT_DTYPES, SafeLoadPlanner, inspect_checkpoint
 from lathe.errors import ConfigError
 from lathe.models.hf_llama import from_hf, hf_config, to_hf
 from lathe.models.llama import ModelArgs, Transformer
@@ -33,17 +35,20 @@ def model_identity(args: ModelArgs) -> dict:
 
 
 def load_lathe_weights(checkpoint: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    if not (checkpoint / ".metadata").is_file():
-        raise ConfigError("checkpoint", f"{checkpoint} is not a lathe checkpoint (no .metadata)",
+    if not (checkpoint / "train_state.json").is_file() and not (checkpoint / ".metadata").is_file():
+        raise ConfigError("checkpoint", f"{checkpoint} is not a lathe checkpoint (no train_state.json)",
                           "pass a step-N folder")
-    meta = read_train_state(checkpoint)
+    try:
+        meta = inspect_checkpoint(checkpoint, "full")
+    except DamagedCheckpoint as e:
+        raise ConfigError("checkpoint", f"damaged checkpoint: {e}", "convert an intact step-N folder") from None
     fields = {f.name for f in dataclasses.fields(ModelArgs)}
     args = ModelArgs(**{k: v for k, v in meta["model_args"].items() if k in fields})
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(checkpoint), planner=SafeLoadPlanner(), no_dist=True)
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(checkpoint)), planner=SafeLoadPlanner(), no_dist=True)
     return args, state["model"]
 
 
@@ -107,5 +112,6 @@ def hf_to_lathe(hf_dir: Path, out: Path) -> Path:
     sidecar = {"format_version": FORMAT_VERSION, "contents": ["model"], "model": model_identity(args),
                "model_args": dataclasses.asdict(args), "source": str(hf_dir)}
     (target / "train_state.json").write_text(json.dumps(sidecar))
+    integrity.write_manifest(target, world_size=0)
     logger.info("wrote %s from %s", target, hf_dir)
     return target

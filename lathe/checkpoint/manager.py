@@ -7,30 +7,38 @@ Layout of one checkpoint, ``{dump_folder}/{checkpoint.folder}/step-N/``:
 - ``train_state.json`` (rank 0): step, tokens seen, logged losses, the LR schedule, the data
   stream's position, what the checkpoint contains and which model it holds. JSON, versioned.
 - ``rng/rank{R}.json``: each rank's RNG state (restored when the same rank exists on resume).
+- ``manifest.json``: size and CRC-32 checksums of every other file (integrity.py), verified before
+  loading; a damaged checkpoint is named in one line and the newest earlier one that verifies is
+  loaded instead (``checkpoint.on_damaged``).
 
 Atomicity: everything is written into ``step-N.partial-<id>/`` and renamed to ``step-N`` by rank 0
 only after every rank has finished. Only ``step-N`` folders count; partial ones are ignored and
-removed at the next start. So a kill at any moment leaves the previous complete checkpoint as
-"latest".
+removed at the next start by the run that holds the dump folder's lock (runlock.py). So a kill at
+any moment leaves the previous complete checkpoint as "latest".
 
 Modes (``checkpoint.async_mode``): ``disabled`` (training waits for the write), ``async`` (DCP
 copies the state to CPU, then a thread writes it while training continues), and
-``async_with_pinned_mem`` (DCP stages into (pinned) CPU memory and a separate process writes). The
-next save and the end of training wait for the previous one; the log shows how long training
-was blocked.
+``async_with_pinned_mem`` (DCP stages into (pinned) CPU memory and a separate process writes). A
+background save is committed by a thread as soon as every rank's files are on disk, not at the
+next save; the next save and the end of training wait for it. The log shows how long training was
+blocked.
 
-Loading never unpickles arbitrary objects: tensors load with ``weights_only=True`` and the few
-non-tensor DCP entries (optimizer hyperparameters) too (``SafeLoadPlanner``).
+Loading never unpickles arbitrary objects: ``.metadata`` is read by a restricted unpickler that
+builds only DCP's metadata types (``integrity.SafeFileSystemReader``), tensors load with
+``weights_only=True`` and the few non-tensor DCP entries (optimizer hyperparameters) too
+(``SafeLoadPlanner``).
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import json
 import logging
 import re
 import shutil
+import threading
 import time
 import uuid
 import warnings
@@ -53,12 +61,18 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not Exception
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
+from lathe.checkpoint import integrity
+from lathe.checkpoint.integrity import DamagedCheckpoint, SafeFileSystemReader
 from lathe.config import Checkpoint as CheckpointConfig
 from lathe.errors import ConfigError
 
 logger = logging.getLogger("lathe")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json with checksums; version 1 checkpoints load without them
+READABLE_VERSIONS = (1, 2)
+# ModelArgs fields that do not change the parameters or their meaning: a checkpoint loads across them
+NOT_IDENTITY = frozenset({"max_seq_len", "depth_init"})
+COMMIT_TIMEOUT_S = 1800  # rank 0 waits this long for the other ranks' files of a background save
 STEP_DIR = re.compile(r"step-(\d+)")
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,27 +131,80 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def complete_steps(folder: Path) -> list[int]:
-    """Steps of the complete checkpoints in ``folder``, oldest first."""
+    """Steps of the committed checkpoints (``step-N`` folders) in ``folder``, oldest first.
+    Committed does not mean intact: ``CheckpointManager`` verifies before it loads one."""
     if not folder.is_dir():
         return []
-    steps = []
-    for child in folder.iterdir():
-        m = STEP_DIR.fullmatch(child.name)
-        if m and child.is_dir() and (child / ".metadata").is_file() and (child / "train_state.json").is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    return sorted(int(m.group(1)) for child in folder.iterdir()
+                  if (m := STEP_DIR.fullmatch(child.name)) and child.is_dir())
+
+
+SIDECAR_KEYS = ("format_version", "contents", "model", "model_args", "train_state", "lr_schedule", "data")  # 4: model-only
 
 
 def read_train_state(path: Path) -> dict[str, Any]:
+    """The JSON sidecar of checkpoint ``path``; DamagedCheckpoint if it is missing or incomplete."""
+    file = path / "train_state.json"
     try:
-        data = json.loads((path / "train_state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError("checkpoint", f"cannot read {path / 'train_state.json'}: {e}",
-                          "the checkpoint is damaged; remove it or pick another step") from None
-    if data.get("format_version") != FORMAT_VERSION:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise DamagedCheckpoint(file, "missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedCheckpoint(file, f"unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise DamagedCheckpoint(file, "not a JSON object")
+    if data.get("format_version") not in READABLE_VERSIONS:
         raise ConfigError("checkpoint", f"{path} has format version {data.get('format_version')}",
-                          f"this lathe reads version {FORMAT_VERSION}")
+                          f"this lathe reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    full = "optimizer" in data.get("contents", [])
+    missing = [k for k in (SIDECAR_KEYS if full else SIDECAR_KEYS[:4]) if k not in data]
+    if full and isinstance(data.get("train_state"), dict):
+        missing += [f"train_state.{k}" for k in ("step", "tokens_seen", "loss_log") if k not in data["train_state"]]
+    if missing:
+        raise DamagedCheckpoint(file, f"missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     return data
+
+
+def inspect_checkpoint(path: Path, mode: str, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """Everything that can be checked before loading: the sidecar, the manifest's checksums (this
+    rank's share of the files), and ``.metadata`` (safely parsed, its shard files present).
+    Returns the sidecar; raises DamagedCheckpoint naming the first bad file."""
+    if not path.is_dir():
+        raise DamagedCheckpoint(path, "not a folder")
+    meta = read_train_state(path)
+    if meta["format_version"] >= 2:
+        files = integrity.manifest_files(path)
+        if ".metadata" not in files:
+            raise DamagedCheckpoint(path / integrity.MANIFEST, "does not list .metadata")
+        integrity.verify_files(path, integrity.my_share(list(files), rank, world_size), files, mode)
+    if rank == 0 or mode != "off":
+        integrity.check_metadata(path)
+    return meta
+
+
+def _checkpoint_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _find_errno(exc: BaseException, code: int) -> OSError | None:
+    """The OSError with ``code`` inside ``exc`` (DCP wraps the ranks' exceptions)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == code:
+            return e
+        todo += [e.__cause__, e.__context__]
+        for v in (getattr(e, "failures", None) or {}).values():  # DCP: rank -> (exception, traceback)
+            todo += [x for x in (v if isinstance(v, tuple) else (v,)) if isinstance(x, BaseException)]
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+        todo += [v for a in getattr(e, "args", ()) if isinstance(a, dict) for v in a.values()
+                 if isinstance(v, BaseException)]
+        if isinstance(e, BaseException) and "No space left on device" in str(e):
+            return OSError(errno.ENOSPC, "No space left on device")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,13 +226,17 @@ class CheckpointManager:
 
         self.model_args = dataclasses.asdict(model_args)
         self.identity = model_identity(model_args)
-        self.pending = None  # (future, partial_dir, final_dir, step) of an async save in flight
+        self.pending: _BackgroundCommit | None = None  # an async save in flight
         self.last_save_time = time.monotonic()
-        # A gloo group of our own: collective checks from the training thread and DCP's async
-        # coordination never share a communicator with NCCL compute traffic.
-        self.group = dist.new_group(backend="gloo") if (self.enabled and dist.is_initialized()) else None
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        # Gloo groups of our own: DCP's collectives (in the background thread of an async save)
+        # and the training thread's checks (agree, barriers) each get one, so they never share a
+        # communicator with each other or with NCCL compute traffic.
+        uses_groups = (self.enabled or cfg.initial_load_path) and dist.is_initialized()
+        self.group = dist.new_group(backend="gloo") if uses_groups else None
+        self.control = dist.new_group(backend="gloo") if uses_groups else None
         if self.enabled and _rank() == 0:
-            self._remove_partials()
+            self._remove_partials()  # safe: this run holds the dump folder's lock
 
     # --- state -----------------------------------------------------------------------------
 
@@ -191,7 +262,7 @@ class CheckpointManager:
             "train_state": dataclasses.asdict(self.train_state),
             "lr_schedule": _jsonable(self.schedules.state_dict()) if self.schedules else None,
             "data": self.data.state_dict() if self.data is not None else None,
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "world_size": self.world_size,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
 
@@ -209,10 +280,10 @@ class CheckpointManager:
 
     def agree(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any rank (a tiny all-reduce on CPU)."""
-        if self.group is None:
+        if self.control is None:
             return flag
         t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return bool(t.item())
 
     def save(self, step: int, last_step: bool = False, weights_only: bool = False,
@@ -222,11 +293,15 @@ class CheckpointManager:
         self.wait()
         final = self.folder / f"step-{step}"
         partial = self.folder / f"step-{step}.partial-{self._shared_id()}"
-        if _rank() == 0:
-            partial.mkdir(parents=True, exist_ok=True)
-        _barrier(self.group)
-        (partial / "rng").mkdir(parents=True, exist_ok=True)
-        (partial / "rng" / f"rank{_rank()}.json").write_text(json.dumps(rng_state()))
+        try:
+            if _rank() == 0:
+                partial.mkdir(parents=True, exist_ok=True)
+            _barrier(self.control)
+            (partial / "rng").mkdir(parents=True, exist_ok=True)
+            rng_file = partial / "rng" / f"rank{_rank()}.json"
+            rng_file.write_text(json.dumps(rng_state()))
+        except OSError as e:
+            self._write_failed(partial, step, e)
 
         if weights_only:
             dtype = EXPORT_DTYPES[self.cfg.export_dtype]
@@ -236,51 +311,94 @@ class CheckpointManager:
             state = {"model": self._model_state(), "optimizer": self._optimizer_state()}
             contents = ["model", "optimizer", "lr_schedule", "data", "train_state"]
         sidecar = self._sidecar(contents) if _rank() == 0 else None
+        fs = integrity.ChecksummingFileSystem()
+        writer = dcp.FileSystemWriter(str(partial))
+        writer.fs = fs  # checksums each shard file while it is written
+        job = _SaveJob(partial, final, sidecar, step, fs, _rank(), self.world_size)
 
         mode = mode or self.cfg.async_mode
         if mode == "disabled" or last_step:
-            dcp.save(state, checkpoint_id=str(partial), process_group=self.group, no_dist=not dist.is_initialized())
-            self._finalize(partial, final, sidecar, step)
+            try:
+                dcp.save(state, storage_writer=writer, process_group=self.group, no_dist=not dist.is_initialized())
+                job.write_rank_manifest()
+            except (Exception, CheckpointException) as e:
+                self._write_failed(partial, step, e)
+            if _rank() == 0:
+                self._commit(job)
+            _barrier(self.control)
         else:
             kind = AsyncCheckpointerType.PROCESS if mode == "async_with_pinned_mem" else AsyncCheckpointerType.THREAD
-            response = dcp.async_save(state, checkpoint_id=str(partial), process_group=self.group,
+            response = dcp.async_save(state, storage_writer=writer, process_group=self.group,
                                       async_checkpointer_type=kind, no_dist=not dist.is_initialized())
             future = getattr(response, "upload_completion", response)
-            self.pending = (future, partial, final, sidecar, step)
+            self.pending = _BackgroundCommit(self, job, future)
         self.last_save_time = time.monotonic()
         logger.info("checkpoint step %d: %s, training blocked %.2fs", step,
                     "written" if self.pending is None else f"writing in the background ({mode})",
                     time.perf_counter() - start)
 
-    def wait(self) -> None:
-        """Block until an async save in flight is written and committed."""
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until an async save in flight is written and committed (it commits by itself as
+        soon as it is on disk; this only waits for that). Raises if it failed."""
         if self.pending is None:
             return
-        future, partial, final, sidecar, step = self.pending
-        self.pending = None
+        pending, self.pending = self.pending, None
         start = time.perf_counter()
-        future.result()
-        self._finalize(partial, final, sidecar, step)
+        pending.join(timeout)
+        if pending.error is not None:
+            self._write_failed(pending.job.partial, pending.job.step, pending.error)
         waited = time.perf_counter() - start
         if waited > 0.01:
-            logger.info("checkpoint step %d: waited %.2fs for the background write", step, waited)
+            logger.info("checkpoint step %d: waited %.2fs for the background write", pending.job.step, waited)
 
     def _shared_id(self) -> str:
         """One random id for the partial folder, agreed by all ranks."""
         ident = [uuid.uuid4().hex[:8]]
         if dist.is_initialized():
-            dist.broadcast_object_list(ident, src=0, group=self.group)
+            dist.broadcast_object_list(ident, src=0, group=self.control)
         return ident[0]
 
-    def _finalize(self, partial: Path, final: Path, sidecar: dict | None, step: int) -> None:
-        _barrier(self.group)  # every rank's shards and RNG file are on disk
+    def _commit(self, job: "_SaveJob") -> None:
+        """Rank 0: once every rank's files and manifest part are on disk, write the sidecar and
+        the manifest, and rename step-N.partial-* to step-N: the commit point."""
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
+        while not integrity.rank_manifests_present(job.partial, job.world_size):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks did not finish writing {job.partial} in {COMMIT_TIMEOUT_S}s")
+            time.sleep(0.02)
+        (job.partial / "train_state.json").write_text(json.dumps(job.sidecar))
+        integrity.write_manifest(job.partial, job.world_size)
+        if job.final.exists():  # an older save of the same step (e.g. rerun after a resume)
+            shutil.rmtree(job.final)
+        job.partial.rename(job.final)  # atomic on one filesystem
+        integrity.fsync_dir(job.final.parent)
+        self._purge()
+
+    def _write_failed(self, partial: Path, step: int, error: BaseException):
+        """A save that could not be written: remove what it wrote, keep the previous checkpoint,
+        and stop with one line that says why (disk full: how much is needed and free)."""
         if _rank() == 0:
-            (partial / "train_state.json").write_text(json.dumps(sidecar))
-            if final.exists():  # an older save of the same step (e.g. rerun after a resume)
-                shutil.rmtree(final)
-            partial.rename(final)  # the commit point: atomic on one filesystem
-            self._purge()
-        _barrier(self.group)
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = complete_steps(self.folder)
+        kept = f"the previous checkpoint step-{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        try:
+            free = shutil.disk_usage(self.folder if self.folder.exists() else self.folder.parent).free
+        except OSError:
+            free = None
+        need = _checkpoint_bytes(self.folder / f"step-{previous[-1]}") if previous else _state_bytes(self)
+        # torch's writer reports a full disk as ENOSPC, or only as a failed zip write ("unexpected
+        # pos"): a failed write with less space free than a checkpoint takes is a full disk too.
+        if _find_errno(error, errno.ENOSPC) is not None or (free is not None and free < need):
+            free = free or 0
+            raise ConfigError("checkpoint.folder", f"disk full while writing checkpoint step-{step} in "
+                              f"{self.folder}: it needs about {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free; {kept}",
+                              "free space, lower checkpoint.keep_latest_k, or point job.dump_folder elsewhere",
+                              str(self.folder)) from None
+        if isinstance(error, ConfigError):
+            raise error
+        raise ConfigError("checkpoint.folder", f"cannot write checkpoint step-{step} in {self.folder}: "
+                          f"{_one_line(error)}; {kept}", "check the folder's permissions and filesystem",
+                          str(self.folder)) from None
 
     def _purge(self) -> None:
         k = self.cfg.keep_latest_k
@@ -298,47 +416,99 @@ class CheckpointManager:
                 logger.warning("removing incomplete checkpoint %s (a save was interrupted)", child)
                 shutil.rmtree(child, ignore_errors=True)
 
-    def close(self) -> None:
-        self.wait()
+    def close(self, timeout: float | None = None) -> None:
+        self.wait(timeout)
 
     # --- loading ---------------------------------------------------------------------------
 
     def load(self) -> bool:
         """Resume from this run's latest (or chosen) checkpoint, else start from
-        ``initial_load_path`` if given. Returns True when something was loaded."""
+        ``initial_load_path`` if given. Returns True when something was loaded.
+
+        Each candidate is verified first (``checkpoint.verify``); a damaged one is reported in one
+        line and, with ``checkpoint.on_damaged=fallback``, the newest earlier one is tried."""
         initial_load_path = self.cfg.initial_load_path
         if not self.enabled and not initial_load_path:
             return False
         steps = complete_steps(self.folder) if self.enabled else []
         if self.cfg.load_step >= 0:
             if self.cfg.load_step not in steps:
-                raise ConfigError("checkpoint.load_step", f"no complete checkpoint step-{self.cfg.load_step} "
+                raise ConfigError("checkpoint.load_step", f"no checkpoint step-{self.cfg.load_step} "
                                   f"in {self.folder}", f"available: {steps or 'none'}", self.cfg.load_step)
-            return self._load(self.folder / f"step-{self.cfg.load_step}", model_only=False)
-        if steps:
-            return self._load(self.folder / f"step-{steps[-1]}", model_only=False)
+            path = self.folder / f"step-{self.cfg.load_step}"
+            problem = self._try_load(path, model_only=False)
+            if problem:
+                raise ConfigError("checkpoint.load_step", f"checkpoint damaged: {problem}",
+                                  "pick another step, or -1 for the latest that verifies", self.cfg.load_step)
+            return True
+        damaged = []
+        for step in reversed(steps):
+            path = self.folder / f"step-{step}"
+            problem = self._try_load(path, model_only=False)
+            if problem is None:
+                if damaged:
+                    logger.warning("resumed from step %d instead of the damaged %s", step,
+                                   ", ".join(f"step-{s}" for s, _ in damaged))
+                return True
+            damaged.append((step, problem))
+            if self.cfg.on_damaged == "error":
+                raise ConfigError("checkpoint.on_damaged", f"checkpoint damaged: {problem}",
+                                  "restore or remove it, or set checkpoint.on_damaged=fallback to load the newest "
+                                  "earlier checkpoint", self.cfg.on_damaged)
+            logger.warning("checkpoint step-%d is damaged, trying an earlier one: %s", step, problem)
+        if damaged:
+            raise ConfigError("checkpoint", f"no usable checkpoint in {self.folder}: all {len(damaged)} are damaged "
+                              f"(newest: {damaged[0][1]})", "restore them, or remove the step-N folders to "
+                              "start from scratch")
         if initial_load_path:
             path = Path(initial_load_path)
-            if not (path / ".metadata").is_file():
-                raise ConfigError("checkpoint.initial_load_path", "not a lathe checkpoint folder (no .metadata)",
-                                  "point it at a step-N folder", initial_load_path)
-            return self._load(path, model_only=self.cfg.initial_load_model_only)
+            problem = self._try_load(path, model_only=self.cfg.initial_load_model_only, initial=True)
+            if problem:
+                raise ConfigError("checkpoint.initial_load_path", f"cannot load it: {problem}",
+                                  "point it at an intact step-N folder", initial_load_path)
+            return True
         return False
 
-    def _load(self, path: Path, model_only: bool) -> bool:
+    def _try_load(self, path: Path, model_only: bool, initial: bool = False) -> str | None:
+        """Verify and load ``path``; the problem (one line) if it is damaged, else None. Every
+        rank checks its share of the files and all ranks agree on the verdict."""
+        meta, problem = None, None
+        try:
+            meta = inspect_checkpoint(path, self.cfg.verify, _rank(), self.world_size)
+        except DamagedCheckpoint as e:
+            problem = str(e)
+        problem = self._first_problem(problem)
+        if problem is None:
+            if meta["format_version"] < 2:
+                logger.warning("%s was written by an older lathe without checksums: not verified", path)
+            self._check_identity(path, meta, allow_change=initial and self.cfg.initial_load_allow_model_change)
+            try:
+                self._load(path, meta, model_only=model_only or meta["contents"] == ["model"],
+                           strict=not (initial and self.cfg.initial_load_allow_model_change))
+            except DamagedCheckpoint as e:  # what verification cannot see (verify=off, sampled)
+                problem = str(e)
+            problem = self._first_problem(problem)
+        return problem
+
+    def _first_problem(self, problem: str | None) -> str | None:
+        if self.control is None:
+            return problem
+        problems: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(problems, problem, group=self.control)
+        return next((p for p in problems if p), None)
+
+    def _load(self, path: Path, meta: dict[str, Any], model_only: bool, strict: bool = True) -> None:
         start = time.perf_counter()
-        meta = read_train_state(path)
-        self._check_identity(path, meta["model"])
-        model_only = model_only or meta["contents"] == ["model"]
         state: dict[str, Any] = {"model": self._model_state()}
         if not model_only:
             state["optimizer"] = self._optimizer_state()
         try:
-            dcp.load(state, checkpoint_id=str(path), process_group=self.group, planner=SafeLoadPlanner(),
-                     no_dist=not dist.is_initialized())
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), process_group=self.group,
+                     planner=SafeLoadPlanner(allow_partial_load=not strict), no_dist=not dist.is_initialized())
+        except DamagedCheckpoint:
+            raise
         except (Exception, CheckpointException) as e:  # a damaged or truncated shard file
-            raise ConfigError("checkpoint", f"cannot load {path}: {type(e).__name__}: {e}",
-                              "the checkpoint is damaged; remove it or set checkpoint.load_step") from None
+            raise DamagedCheckpoint(path, f"cannot be loaded ({_one_line(e)})") from None
         for part in self.model_parts:
             set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
         if not model_only:
@@ -357,14 +527,90 @@ class CheckpointManager:
                 set_rng_state(json.loads(rng_file.read_text()))
         what = "model weights" if model_only else f"everything at step {self.train_state.step}"
         logger.info("loaded %s from %s in %.2fs", what, path, time.perf_counter() - start)
-        return True
 
-    def _check_identity(self, path: Path, saved: dict[str, Any]) -> None:
-        mismatched = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v}
-        if mismatched:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
-            raise ConfigError("checkpoint", f"{path} holds a different model ({detail})",
-                              "use the model config it was saved with, or another checkpoint folder")
+    def _check_identity(self, path: Path, meta: dict[str, Any], allow_change: bool = False) -> None:
+        """Every model option that changes the parameters or their meaning must match."""
+        saved = dict(meta.get("model_args") or {})
+        saved.update({k: v for k, v in (meta.get("model") or {}).items() if k not in saved})
+        current = {**self.identity, **self.model_args}
+        mismatched = {k: (saved[k], v) for k, v in current.items()
+                      if k in saved and k not in NOT_IDENTITY and _canonical(saved[k]) != _canonical(v)}
+        if not mismatched:
+            return
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(mismatched.items()))
+        if allow_change:
+            logger.warning("loading %s into a different model (checkpoint.initial_load_allow_model_change): %s",
+                           path, detail)
+            return
+        fix = ("use the model config it was saved with, or another checkpoint folder" if not self.cfg.initial_load_path
+               else "use the model config it was saved with, or set checkpoint.initial_load_allow_model_change "
+                    "to load the weights that fit")
+        raise ConfigError("checkpoint", f"{path} holds a different model ({detail})", fix)
+
+
+@dataclass
+class _SaveJob:
+    """One save in progress: where it goes and what rank 0 writes at the commit."""
+
+    partial: Path
+    final: Path
+    sidecar: dict | None
+    step: int
+    fs: integrity.ChecksummingFileSystem
+    rank: int
+    world_size: int
+
+    def write_rank_manifest(self) -> None:
+        """This rank's shard files (checksummed while written; read back when DCP wrote them in
+        another process) and its RNG file."""
+        entries = dict(self.fs.entries)
+        for shard in self.partial.glob(f"__{self.rank}_*.distcp"):
+            if shard.name not in entries:
+                entries[shard.name] = integrity.file_entry(shard)
+        rng = f"rng/rank{self.rank}.json"
+        entries[rng] = integrity.file_entry(self.partial / rng)
+        integrity.write_rank_manifest(self.partial, self.rank, entries)
+
+
+class _BackgroundCommit:
+    """Waits for an async save's write on a thread, then writes this rank's manifest part and, on
+    rank 0, commits: a kill after the write finished never loses that checkpoint."""
+
+    def __init__(self, manager: CheckpointManager, job: _SaveJob, future):
+        self.job, self.future, self.error = job, future, None
+        self.thread = threading.Thread(target=self._run, args=(manager,), name=f"lathe-commit-{job.step}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, manager: CheckpointManager) -> None:
+        try:
+            self.future.result()
+            self.job.write_rank_manifest()
+            if self.job.rank == 0:
+                manager._commit(self.job)
+                logger.info("checkpoint step %d: committed", self.job.step)
+        except BaseException as e:  # reported by wait()
+            self.error = e
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+        if self.thread.is_alive() and self.error is None:
+            self.error = TimeoutError(f"background save of step {self.job.step} did not finish in {timeout}s")
+
+
+def _state_bytes(manager: CheckpointManager) -> int:
+    return sum(t.numel() * t.element_size() for t in manager._model_state().values()
+               if isinstance(t, torch.Tensor)) * 3 * manager.world_size  # weights + two Adam moments
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def _canonical(value: Any) -> Any:
+    """JSON round trip: tuples and lists, ints and floats compare as they were saved."""
+    return json.loads(json.dumps(value))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -234,6 +235,15 @@ class LocalSource(Source):
     # Each reader yields raw items cheaply; `_decode` turns one into a Record. Skipping on
     # resume only iterates raw items, it never parses them.
     def _raw(self, path: Path) -> Iterator[Any]:
+        """Like ``_raw_items``; a file that cannot be read to its end (a truncated ``.gz``, a
+        damaged compressed stream, an I/O error) ends with one bad item, so its remaining records
+        are skipped with a warning like undecodable lines, at the same point on every rank."""
+        try:
+            yield from self._raw_items(path)
+        except (EOFError, OSError, zlib.error) as e:
+            yield ("bad", f"cannot read the file past this point ({type(e).__name__}: {e}); the rest of it is skipped")
+
+    def _raw_items(self, path: Path) -> Iterator[Any]:
         kind = _base_suffix(path)
         if kind == ".txt":
             with _open_binary(path) as f:
@@ -271,14 +281,22 @@ class LocalSource(Source):
         except ImportError:
             raise ConfigError("training.dataset_path", f"reading {path.name} needs pyarrow",
                               "pip install pyarrow") from None
-        pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
+        try:
+            pf = pq.ParquetFile(path)
+            names = pf.schema_arrow.names
+        except Exception as e:  # pyarrow's ArrowInvalid & co: not a parquet file, or damaged
+            yield ("bad", f"not a readable parquet file ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+            return
         if self.text_field not in names:
             yield ("bad", f"no column '{self.text_field}' (columns: {', '.join(names)})")
             return
-        for batch in pf.iter_batches(columns=[self.text_field], batch_size=1024):
-            for value in batch.column(0).to_pylist():
-                yield ("obj_text", value)
+        try:
+            for batch in pf.iter_batches(columns=[self.text_field], batch_size=1024):
+                for value in batch.column(0).to_pylist():
+                    yield ("obj_text", value)
+        except (OSError, ValueError) as e:  # a damaged row group; ArrowInvalid is a ValueError
+            yield ("bad", f"damaged parquet data ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                          "the rest of the file is skipped")
 
     def _decode(self, raw: Any, where: str) -> str | BadRecord:
         kind = raw[0]
@@ -340,6 +358,7 @@ class LocalSource(Source):
             total += len(first)
             if first and all(isinstance(r, BadRecord) for r in first):
                 raise _bad_record_error(option, first[0], self.text_field)
+            _check_not_all_empty(first, option, key)
         if total == 0:
             if len(self.files) > _PROBE_FILES:
                 return  # the first files are empty; later ones are checked while streaming
@@ -450,6 +469,15 @@ class HFSource(Source):
                               "check the dataset name, config and split")
         if all(isinstance(r, BadRecord) for r in first):
             raise _bad_record_error(option, first[0], self.text_field)
+        _check_not_all_empty(first, option, self.name)
+
+
+def _check_not_all_empty(first: list, option: str, where: str) -> None:
+    """Documents that are all empty would train on BOS/EOS tokens alone."""
+    texts = [r for r in first if isinstance(r, str)]
+    if texts and not any(t.strip() for t in texts):
+        raise ConfigError(option, f"the first {len(texts)} documents of {where} are all empty",
+                          "check the files and training.dataset_text_field (it names the field holding the text)")
 
 
 def hf_split_names(path: str, config: str | None, option: str) -> list[str]:
@@ -485,13 +513,14 @@ class SourceSpec:
 
 
 def _corpus_dir_is_cache(path: Path) -> bool:
-    """A lathe corpus cache folder (or a new, empty folder to build one in)."""
+    """A lathe corpus cache folder. An empty folder is not one: it is the user's (empty) data
+    folder, an error, and lathe never writes into it."""
     if (path / "manifest.json").is_file():
         try:
             return "format_version" in json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False
-    return path.is_dir() and not any(path.iterdir())
+    return False
 
 
 def resolve_spec(name: str, path: str | None, config: str | None, option: str) -> SourceSpec:

@@ -44,6 +44,19 @@ def init(device: torch.device, init_timeout_s: int, single_process_group: bool =
     return False
 
 
+def set_nccl_defaults(trace_buffer_size: int, dump_folder) -> None:
+    """NCCL error handling and the flight recorder, unless the environment already says otherwise:
+    a failed or timed-out collective aborts the process group (instead of hanging), and each rank
+    keeps its last ``trace_buffer_size`` collectives, dumped to ``{dump_folder}/nccl_trace/rank_R``
+    when a collective times out (read them with ``torch.distributed.flight_recorder``). No effect
+    with gloo (CPU)."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    if trace_buffer_size > 0:
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", str(trace_buffer_size))
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+        os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", f"{dump_folder}/nccl_trace/rank_")
+
+
 def set_train_timeout(seconds: int) -> None:
     """After step 1 (compilation, lazy init done) a hang should surface sooner than at init."""
     if not dist.is_initialized():

@@ -30,7 +30,7 @@ if point == "dcp_write":
 elif point == "before_commit":
     from lathe.checkpoint.manager import CheckpointManager
 
-    CheckpointManager._finalize = crash_on_nth(CheckpointManager._finalize)
+    CheckpointManager._commit = crash_on_nth(CheckpointManager._commit)
 else:
     raise SystemExit(f"unknown point {point}")
 

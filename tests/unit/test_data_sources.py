@@ -107,7 +107,9 @@ def test_heldout_split_of_local_files(tmp_path):
 def test_dataset_path_alone_means_local_files_and_corpus_cache_still_works(tmp_path):
     write_jsonl(tmp_path / "mine" / "a.jsonl", ["x"])
     assert resolve_spec("lathe_corpus", str(tmp_path / "mine"), None, "training.dataset").kind == "local"
-    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache").mkdir()  # an empty folder is the user's (empty) data, never a cache to fill
+    assert resolve_spec("lathe_corpus", str(tmp_path / "cache"), None, "training.dataset").kind == "local"
+    (tmp_path / "cache" / "manifest.json").write_text('{"format_version": 1}')
     assert resolve_spec("lathe_corpus", str(tmp_path / "cache"), None, "training.dataset").kind == "corpus"
     assert resolve_spec("lathe_corpus", None, None, "training.dataset").kind == "corpus"
     assert resolve_spec(str(tmp_path / "mine" / "a.jsonl"), None, None, "training.dataset").kind == "local"

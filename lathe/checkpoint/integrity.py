@@ -1,0 +1,293 @@
+"""What lathe trusts in a checkpoint folder, and how it checks the rest.
+
+Two dangers, two defences:
+
+- **Code execution.** DCP's ``FileSystemReader.read_metadata`` unpickles ``.metadata`` with plain
+  ``pickle.load``: a crafted file runs any code it likes. ``SafeFileSystemReader`` reads it with a
+  restricted unpickler that can build only DCP's own metadata types (dataclasses of sizes, dtypes,
+  offsets and paths); any other global is refused with an error naming the file. Tensor payloads
+  are read with ``torch.load(weights_only=True)`` by DCP itself, and the few non-tensor entries
+  (optimizer hyperparameters) by ``SafeLoadPlanner`` (manager.py) the same way. The JSON sidecars
+  are plain data.
+- **Silent damage.** Every file of a checkpoint is listed in ``manifest.json`` with its size and
+  CRC-32 checksums per 16 MiB chunk. Shard files (``*.distcp``) are checksummed while DCP writes
+  them (a stream wrapper in ``ChecksummingFileSystem``: no second read); the small files are read
+  back. ``verify`` checks a checkpoint before it is loaded: ``full`` reads every byte, ``sampled``
+  checks every file's size, the small files fully and a fixed share of the shard chunks, ``off``
+  only that the files exist.
+
+A checkpoint that fails is reported in one line naming the file and what is wrong
+(``DamagedCheckpoint``); the manager then falls back to the newest earlier checkpoint that passes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import zlib
+from contextlib import contextmanager
+from pathlib import Path, PosixPath, PurePosixPath
+from typing import Any, Iterator
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
+
+MANIFEST = "manifest.json"
+RANK_MANIFESTS = "manifest.d"  # per-rank parts, merged into manifest.json at commit
+CHUNK = 16 * 2**20
+SAMPLE_EVERY = 8  # "sampled": one shard chunk in 8 (plus the first and last of each file)
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint folder that must not be loaded: ``str(e)`` names the file and the problem."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading .metadata without running code
+
+
+_DCP_METADATA_TYPES = {name for name in dir(dcp_metadata) if isinstance(getattr(dcp_metadata, name), type)}
+_ALLOWED = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("pathlib", "PosixPath"): PosixPath,
+    ("pathlib", "PurePosixPath"): PurePosixPath,
+    ("pathlib", "Path"): Path,
+    ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP metadata objects and nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" and name in _DCP_METADATA_TYPES:
+            return getattr(dcp_metadata, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        raise pickle.UnpicklingError(f"refused to load {module}.{name} (not a checkpoint metadata type)")
+
+
+def read_metadata(path: Path) -> dcp_metadata.Metadata:
+    """Parse a DCP ``.metadata`` file safely; raise DamagedCheckpoint if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except OSError as e:
+        raise DamagedCheckpoint(path, f"cannot read: {e.strerror or e}") from None
+    except Exception as e:  # UnpicklingError, EOFError, ValueError, ... from damaged bytes
+        raise DamagedCheckpoint(path, f"not valid checkpoint metadata ({type(e).__name__}: {e})") from None
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        raise DamagedCheckpoint(path, f"not valid checkpoint metadata (holds a {type(metadata).__name__})")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with the metadata read by ``read_metadata`` instead of ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        metadata = read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums
+
+
+class _ChunkCrc:
+    """CRC-32 of each CHUNK-byte piece of a byte stream, fed in any pieces."""
+
+    def __init__(self):
+        self.size = 0
+        self.crcs: list[int] = []
+        self._crc = 0
+        self._fill = 0
+
+    def update(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(len(view), CHUNK - self._fill)
+            self._crc = zlib.crc32(view[:take], self._crc)
+            self._fill += take
+            self.size += take
+            view = view[take:]
+            if self._fill == CHUNK:
+                self.crcs.append(self._crc)
+                self._crc, self._fill = 0, 0
+
+    def entry(self) -> dict[str, Any]:
+        crcs = self.crcs + ([self._crc] if self._fill or not self.crcs else [])
+        return {"size": self.size, "chunk": CHUNK, "crc32": crcs}
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """Manifest entry of a file on disk (read back)."""
+    crc = _ChunkCrc()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            crc.update(block)
+    return crc.entry()
+
+
+class _ChecksummingStream(io.RawIOBase):
+    """Write-through wrapper that checksums what DCP writes. A seek makes the running checksum
+    meaningless; the file is then read back instead."""
+
+    def __init__(self, inner, crc: _ChunkCrc):
+        self.inner, self.crc, self.seeked = inner, crc, False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        n = self.inner.write(data)
+        self.crc.update(memoryview(data).cast("B")[:n] if n is not None else data)
+        return n
+
+    def tell(self) -> int:
+        return self.inner.tell()
+
+    def seek(self, offset, whence=0):
+        self.seeked = True
+        return self.inner.seek(offset, whence)
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def flush(self) -> None:
+        if not self.inner.closed:
+            self.inner.flush()
+
+    def close(self) -> None:
+        if not self.inner.closed:
+            self.inner.close()
+        super().close()
+
+
+class ChecksummingFileSystem(FileSystem):
+    """DCP's FileSystem, recording a checksum of every ``.distcp`` file this rank writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.entries: dict[str, dict[str, Any]] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode: str) -> Iterator[io.IOBase]:
+        path = Path(path)
+        if "w" not in mode or path.suffix != ".distcp":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        crc = _ChunkCrc()
+        with open(path, mode) as inner:
+            stream = _ChecksummingStream(inner, crc)
+            yield stream
+        self.entries[path.name] = file_entry(path) if stream.seeked else crc.entry()
+
+
+def write_rank_manifest(folder: Path, rank: int, entries: dict[str, dict[str, Any]]) -> None:
+    """Rank ``rank``'s part of the manifest: its shard files (and whatever else it names)."""
+    part = folder / RANK_MANIFESTS
+    part.mkdir(exist_ok=True)
+    tmp = part / f"rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(entries))
+    tmp.replace(part / f"rank{rank}.json")
+
+
+def rank_manifests_present(folder: Path, world_size: int) -> bool:
+    return all((folder / RANK_MANIFESTS / f"rank{r}.json").is_file() for r in range(world_size))
+
+
+def write_manifest(folder: Path, world_size: int) -> None:
+    """Merge the ranks' parts and checksum every other file: the last file before the commit."""
+    files: dict[str, dict[str, Any]] = {}
+    for r in range(world_size):  # world_size 0: no parts, every file is read back here
+        files.update(json.loads((folder / RANK_MANIFESTS / f"rank{r}.json").read_text()))
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel not in files and not rel.startswith(RANK_MANIFESTS + "/") and rel != MANIFEST:
+            files[rel] = file_entry(path)
+    (folder / MANIFEST).write_text(json.dumps({"algorithm": "crc32", "files": files}, indent=0))
+    if (folder / RANK_MANIFESTS).is_dir():
+        for part in (folder / RANK_MANIFESTS).iterdir():
+            part.unlink()
+        (folder / RANK_MANIFESTS).rmdir()
+
+
+def manifest_files(folder: Path) -> dict[str, dict[str, Any]]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise DamagedCheckpoint(path, "missing (every complete lathe checkpoint has one)")
+    try:
+        files = json.loads(path.read_text())["files"]
+        assert isinstance(files, dict)
+        return files
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise DamagedCheckpoint(path, f"unreadable ({type(e).__name__})") from None
+
+
+def verify_files(folder: Path, names: list[str], files: dict[str, dict[str, Any]], mode: str) -> None:
+    """Check the named files against their manifest entries; raise DamagedCheckpoint on the first
+    problem. ``mode``: full | sampled | off."""
+    for name in names:
+        path = folder / name
+        entry = files[name]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise DamagedCheckpoint(path, "missing") from None
+        if mode == "off":
+            continue
+        if size != entry["size"]:
+            raise DamagedCheckpoint(path, f"size {size:,} bytes, expected {entry['size']:,} (truncated or replaced)")
+        chunks = range(len(entry["crc32"]))
+        if mode == "sampled" and path.suffix == ".distcp" and len(chunks) > 2:
+            rng = random.Random(name)  # the same sample every time: reproducible reports
+            chunks = sorted({0, len(chunks) - 1, *rng.sample(list(chunks), max(1, len(chunks) // SAMPLE_EVERY))})
+        with open(path, "rb") as f:
+            for i in chunks:
+                f.seek(i * entry["chunk"])
+                if zlib.crc32(f.read(entry["chunk"])) != entry["crc32"][i]:
+                    where = f"bytes {i * entry['chunk']:,}-{min(size, (i + 1) * entry['chunk']) - 1:,}"
+                    raise DamagedCheckpoint(path, f"checksum mismatch in {where} (the file is damaged)")
+
+
+def my_share(names: list[str], rank: int, world_size: int) -> list[str]:
+    """The files this rank verifies: every world_size-th, largest files spread first."""
+    return sorted(names)[rank::world_size]
+
+
+def check_metadata(folder: Path) -> None:
+    """``.metadata`` parses safely and names only shard files that exist."""
+    metadata = read_metadata(folder / ".metadata")
+    for info in (metadata.storage_data or {}).values():
+        if not (folder / info.relative_path).is_file():
+            raise DamagedCheckpoint(folder / info.relative_path, "missing (named by .metadata)")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,266 @@
+"""``lathe launch``: torchrun, with the exit codes and signals a job script can act on.
+
+    lathe launch [torchrun options] -- [lathe train options]
+    lathe launch --nproc-per-node 4 --max-restarts 2 -- --config configs/llama3_8b.toml
+
+This is torchrun itself (``torch.distributed.run``, run in this process as its elastic agent)
+with what plain torchrun lacks for unattended cluster jobs:
+
+- The training config is loaded and validated here first: a bad option is one line and exit 2
+  before any worker starts. A config error a worker raises later (a held lock, an empty data
+  folder, a damaged checkpoint) is printed once, as the worker's one line, and the launcher exits
+  2 too (torchrun would print a 40-line traceback and exit 1).
+- Preemption: SIGTERM and SIGUSR1 sent to the launcher (Slurm's ``--signal``, ``scancel``) are
+  forwarded to every worker, which saves a checkpoint after the current step and exits 0 with a
+  marker; the launcher then exits ``EXIT_PREEMPTED`` (75), so the job script can requeue. (A
+  worker exiting non-zero would make torchrun restart it, and plain torchrun exits 1 anyway.)
+- A dead worker (kill -9, OOM) makes torchrun stop the others; with ``--max-restarts N`` the group
+  restarts and resumes from the latest complete checkpoint. Workers die with the launcher
+  (``PR_SET_PDEATHSIG``): a ``kill -9`` of the launcher leaves no orphans (they get SIGTERM, save
+  and exit).
+- Quiet: torchrun's own banner and failure tables are hidden (``LATHE_LAUNCH_VERBOSE=1`` shows
+  them); the launcher prints one line saying which rank failed first and how.
+- A hang: workers run lathe's watchdog (``comm.watchdog_timeout_seconds``) and exit 76 naming the
+  stuck ranks; the launcher exits 76.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from lathe.errors import ConfigError
+
+EXIT_CONFIG_ERROR = 2
+EXIT_PREEMPTED = 75
+EXIT_HUNG = 76
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+
+USAGE = """usage: lathe launch [torchrun options] -- [lathe train options]
+
+Runs `lathe train` under torchrun (torch.distributed.run) with clean exit codes:
+0 done, 2 bad config (one line), 75 preempted (checkpoint saved: requeue), 76 a rank hung,
+1 a worker failed (after --max-restarts attempts).
+
+torchrun options (all of torchrun's are accepted), e.g.:
+  --nproc-per-node N     processes on this node (GPUs, or CPU processes with gloo)
+  --nnodes N             nodes in the job
+  --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID   multi-node rendezvous
+  --max-restarts N       restart the worker group after a failure (resumes from the checkpoint)
+"""
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def _world_size(args) -> int | None:
+    from torch.distributed.run import parse_min_max_nnodes
+
+    try:
+        _, max_nodes = parse_min_max_nnodes(args.nnodes)
+        return int(max_nodes) * int(args.nproc_per_node)
+    except (ValueError, TypeError):
+        return None  # "auto"/"gpu" per node, or elastic node ranges: checked by the workers
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGTERM when the launching process dies (so a kill -9 of torchrun or of
+    ``lathe launch`` leaves no orphaned workers training on; SIGTERM means save and exit)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def worker_config_error(error: ConfigError) -> bool:
+    """In a worker under ``lathe launch``: hand the one line to the launcher. True if handled."""
+    folder = os.environ.get("LATHE_LAUNCH_DIR")
+    if not folder:
+        return False
+    rank = os.environ.get("RANK", "0")
+    try:
+        Path(folder, f"error.rank{rank}").write_text(f"lathe: error: {error}\n")
+    except OSError:
+        return False
+    return True
+
+
+def worker_preempted() -> int:
+    """In a worker that saved for preemption: the exit code to use (0 under the launcher, with a
+    marker it reads, so torchrun does not restart the group; else 75)."""
+    folder = os.environ.get("LATHE_LAUNCH_DIR")
+    if folder:
+        try:
+            Path(folder, f"preempted.rank{os.environ.get('RANK', '0')}").write_text("")
+            return 0
+        except OSError:
+            pass
+    return EXIT_PREEMPTED
+
+
+class _Forwarder:
+    """SIGTERM/SIGUSR1 to this process -> the same signal to every worker."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in FORWARDED:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import psutil
+
+        self.received = signum
+        print(f"lathe launch: received {signal.Signals(signum).name}: telling the workers to save and stop",
+              file=sys.stderr, flush=True)
+        for child in psutil.Process().children(recursive=False):
+            try:
+                child.send_signal(signum)
+            except psutil.Error:
+                pass
+
+    def __exit__(self, *exc):
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from lathe import config as config_lib
+
+    launcher_argv, train_argv = split_argv(argv)
+    parser = get_args_parser()
+    parser.prog = "lathe launch"
+    args = parser.parse_args([*launcher_argv, "-m", "lathe", "train", *train_argv])
+    cfg, _ = config_lib.load_config(train_argv)
+    world = _world_size(args)
+    if world is not None:  # else ("auto" processes, elastic node ranges) the workers check it
+        config_lib.validate(cfg, world_size=world, cuda_available=_cuda())
+
+    check_rendezvous(args)
+    launch_dir = tempfile.mkdtemp(prefix="lathe-launch-")
+    os.environ["LATHE_LAUNCH_DIR"] = launch_dir
+    # SIGTERM is ours to forward (torchrun's agent would kill the workers 30 s later instead).
+    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if os.environ.get("LATHE_LAUNCH_VERBOSE", "0") != "1":  # torchrun's banner and failure tables
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith(("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.launcher")):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+    failures = None
+    try:
+        with _Forwarder() as forwarder:
+            try:
+                run(args)
+                code = 0
+            except ChildFailedError as e:
+                failures = e.failures
+                code = 1
+            except SignalException as e:
+                code = 128 + int(e.sigval)
+        return _outcome(code, failures, launch_dir, forwarder.received)
+    finally:
+        shutil.rmtree(launch_dir, ignore_errors=True)
+
+
+def _outcome(code: int, failures, launch_dir: str, received: int | None) -> int:
+    errors = sorted(glob.glob(os.path.join(launch_dir, "error.rank*")),
+                    key=lambda p: int(p.rsplit("rank", 1)[1]))
+    if errors:
+        print(Path(errors[0]).read_text().strip(), file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    preempted = glob.glob(os.path.join(launch_dir, "preempted.rank*"))
+    if code == 0:
+        return EXIT_PREEMPTED if preempted else 0
+    if failures:
+        codes = {f.exitcode for f in failures.values()}
+        if EXIT_HUNG in codes:
+            return EXIT_HUNG
+        rank, first = min(failures.items(), key=lambda kv: kv[1].timestamp)
+        how = f"signal {first.signal_name()}" if first.exitcode < 0 else f"exit code {first.exitcode}"
+        print(f"lathe launch: rank {rank} failed first ({how}, pid {first.pid}); "
+              f"{len(failures)} worker(s) failed in all; their output above says why", file=sys.stderr)
+        return 1
+    if received is not None and preempted:
+        return EXIT_PREEMPTED
+    return code
+
+
+def _local_addresses() -> set[str]:
+    import socket
+
+    import psutil
+
+    addrs = {"localhost", socket.gethostname(), socket.getfqdn()}
+    for entries in psutil.net_if_addrs().values():
+        addrs.update(e.address.split("%")[0] for e in entries)
+    return addrs
+
+
+def check_rendezvous(args, timeout_s: float | None = None) -> None:
+    """Before starting the agent: the c10d rendezvous host must resolve, and, seen from a node
+    that does not host it, answer within the join timeout. One line instead of a hang."""
+    import socket
+    import time
+
+    if args.rdzv_backend != "c10d" or not args.rdzv_endpoint or args.standalone:
+        return
+    host, _, port = args.rdzv_endpoint.rpartition(":")
+    host = host.strip("[]") or args.rdzv_endpoint
+    if not port.isdigit():
+        return  # torchrun's default port: it reports problems itself
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)}
+    except socket.gaierror as e:
+        raise ConfigError("--rdzv-endpoint", f"cannot resolve the rendezvous host {host!r} ({e.strerror})",
+                          "use the head node's IP address (lathe slurm takes Slurm's NodeAddr)",
+                          args.rdzv_endpoint) from None
+    if resolved & _local_addresses() or host in _local_addresses() or int(port) == 0:
+        return  # this node hosts the rendezvous (or shares a host with it)
+    if timeout_s is None:
+        conf = dict(kv.split("=", 1) for kv in (args.rdzv_conf or "").split(",") if "=" in kv)
+        timeout_s = float(conf.get("join_timeout", 600))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise ConfigError("--rdzv-endpoint", f"cannot reach the rendezvous from {socket.gethostname()} "
+                                  f"within {timeout_s:.0f}s ({e.strerror or e})",
+                                  "is the first node's launcher running? is the address the right network's? "
+                                  "does a firewall block the port?", args.rdzv_endpoint) from None
+            time.sleep(1)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,215 @@
+"""``lathe slurm``: an sbatch script for a run, printed, written or submitted.
+
+    lathe slurm --nodes 2 --gpus-per-node 8 --time 4:00:00 --partition ckpt --account mylab \\
+        --submit -- --config configs/llama3_8b.toml --checkpoint.interval 200
+
+The script runs one ``lathe launch`` (torchrun) per node (``--ntasks-per-node=1``), which starts
+the node's workers. What it does, in order, and why:
+
+- Rendezvous on the allocation's first node (``scontrol show hostnames``), at the address Slurm
+  has for it (``scontrol show node`` NodeAddr; DNS only if that is empty, since node names need
+  not resolve), on a port derived from the job id (jobs sharing a node do not clash), with
+  ``--rdzv-id=$SLURM_JOB_ID``. It stops within seconds with one line instead of hanging when the
+  address cannot be found, or is a loopback address while the nodes are different hosts
+  (NodeHostname differs; on a one-host test cluster loopback is right). Each launcher on another
+  node gives up after ``--rdzv-timeout`` seconds if the rendezvous cannot be reached.
+- Preemption: ``#SBATCH --signal=USR1@LEAD`` asks Slurm for a warning LEAD seconds before the time
+  limit; ``--requeue`` lets Slurm requeue on preemption. SIGUSR1/SIGTERM make every worker save a
+  checkpoint after the current step, and the launchers exit 75; the script then requeues the job
+  itself (``scontrol requeue``, which a user may do to their own job) and the next run resumes
+  from that checkpoint. ``--signal-lead`` defaults to the rule in ``signal_lead``.
+- Crashes: ``--max-restarts`` restarts the worker group in place (torchrun), resuming from the
+  newest complete checkpoint; periodic checkpoints bound the loss when no warning comes.
+- Output: one ``.out`` and ``.err`` per job id, opened in append mode, so a requeued job adds to
+  the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from lathe.errors import ConfigError
+
+DEFAULT_LEAD_S = 180
+
+
+def signal_lead(step_s: float, save_s: float) -> int:
+    """Seconds of warning before the time limit: finish the step in flight, save (twice the
+    measured time: the filesystem is busier at the end of a job slot), and leave a 60 s margin
+    for the processes to exit and the script to requeue. At least 90 s."""
+    return max(90, math.ceil(step_s + 2 * save_s + 60))
+
+
+def parse_time(text: str) -> str:
+    """``--time``: minutes ("90"), or Slurm's forms ("1:30:00", "2-00:00:00", "30:00")."""
+    if re.fullmatch(r"\d+", text) or re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", text):
+        return text
+    raise ConfigError("--time", "not a Slurm time", "minutes (90) or [D-]HH:MM:SS (4:00:00)", text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lathe slurm", description="Write (and submit) a Slurm batch script that runs "
+                                "`lathe train` on N nodes. Options after `--` are `lathe train` options.")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node to request (0: CPU-only)")
+    p.add_argument("--procs-per-node", type=int, default=0,
+                   help="training processes per node (default: --gpus-per-node, or 1 without GPUs)")
+    p.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's task (default: Slurm's)")
+    p.add_argument("--mem", default="", help="memory per node, e.g. 200G (default: Slurm's)")
+    p.add_argument("--time", default="60", help="time limit: minutes or [D-]HH:MM:SS (default 60)")
+    p.add_argument("--partition", default="", help="partition, e.g. ckpt (HYAK's preemptible one)")
+    p.add_argument("--account", default="", help="account to charge")
+    p.add_argument("--qos", default="", help="quality of service")
+    p.add_argument("--job-name", default="lathe", help="job name (default lathe)")
+    p.add_argument("--logs", default="slurm-logs", help="folder for the job's .out/.err files (default slurm-logs)")
+    p.add_argument("--max-restarts", type=int, default=1, help="restart the workers this many times after a "
+                   "crash, resuming from the latest checkpoint (default 1)")
+    p.add_argument("--signal-lead", type=int, default=0, help="seconds of warning before the time limit "
+                   f"(default: from --step-seconds/--save-seconds, else {DEFAULT_LEAD_S})")
+    p.add_argument("--step-seconds", type=float, default=0, help="measured seconds per training step")
+    p.add_argument("--save-seconds", type=float, default=0, help="measured seconds per checkpoint save")
+    p.add_argument("--no-requeue", action="store_true", help="do not requeue after a preemption save")
+    p.add_argument("--rdzv-timeout", type=int, default=120, help="seconds a node waits for the rendezvous "
+                   "(default 120)")
+    p.add_argument("--module", action="append", default=[], help="a `module load` line (repeatable)")
+    p.add_argument("--setup", action="append", default=[], help="a shell line run before training, e.g. "
+                   "'source ~/venvs/lathe/bin/activate' (repeatable)")
+    p.add_argument("--apptainer", default="", help="run inside this Apptainer/Singularity image (.sif)")
+    p.add_argument("--enroot", default="", help="run inside this container image with enroot/pyxis "
+                   "(srun --container-image)")
+    p.add_argument("--sbatch", action="append", default=[], help="an extra #SBATCH option, e.g. "
+                   "'--constraint=h100' (repeatable)")
+    p.add_argument("--python", default="python", help="the Python that has lathe installed (default python)")
+    p.add_argument("--workdir", default="", help="directory the job runs in (default: where you submit)")
+    p.add_argument("--output", default="", help="write the script to this file (default: print it)")
+    p.add_argument("--submit", action="store_true", help="submit it with sbatch and print the job id")
+    return p
+
+
+def render(opts: argparse.Namespace, train_args: list[str]) -> str:
+    procs = opts.procs_per_node or opts.gpus_per_node or 1
+    lead = opts.signal_lead or (signal_lead(opts.step_seconds, opts.save_seconds)
+                                if opts.step_seconds or opts.save_seconds else DEFAULT_LEAD_S)
+    sb = [f"--job-name={opts.job_name}", f"--nodes={opts.nodes}", "--ntasks-per-node=1",
+          f"--time={opts.time}", f"--output={opts.logs}/%x-%j.out", f"--error={opts.logs}/%x-%j.err",
+          "--open-mode=append", f"--signal=USR1@{lead}"]
+    if not opts.no_requeue:
+        sb.append("--requeue")
+    for flag, value in (("partition", opts.partition), ("account", opts.account), ("qos", opts.qos),
+                        ("mem", opts.mem)):
+        if value:
+            sb.append(f"--{flag}={value}")
+    if opts.gpus_per_node:
+        sb.append(f"--gpus-per-node={opts.gpus_per_node}")
+    if opts.cpus_per_task:
+        sb.append(f"--cpus-per-task={opts.cpus_per_task}")
+    if opts.workdir:
+        sb.append(f"--chdir={opts.workdir}")
+    sb += opts.sbatch
+    q = shlex.quote
+    launcher = [opts.python, "-m", "lathe", "launch", "--nnodes", "$SLURM_NNODES", "--nproc-per-node", str(procs),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", '"$HEAD_ADDR:$PORT"', "--rdzv-id", '"$SLURM_JOB_ID"',
+                "--rdzv-conf", f"join_timeout={opts.rdzv_timeout}", "--max-restarts", str(opts.max_restarts),
+                "--", *[q(a) for a in train_args]]
+    srun = ["srun", "--kill-on-bad-exit=0", "--ntasks-per-node=1"]
+    if opts.enroot:
+        srun.append(f"--container-image={q(opts.enroot)}")
+    inner = launcher if not opts.apptainer else ["apptainer", "exec", "--nv" if opts.gpus_per_node else "",
+                                                  q(opts.apptainer), *launcher]
+    command = " ".join(x for x in [*srun, *inner] if x)
+    lines = ["#!/bin/bash", f"# Written by `lathe slurm` ({' '.join(q(a) for a in sys.argv[1:]) or 'defaults'}).",
+             *[f"#SBATCH {x}" for x in sb], "",
+             "set -uo pipefail",
+             f"mkdir -p {q(opts.logs)}",
+             *[f"module load {q(m)}" for m in opts.module],
+             *opts.setup,
+             "",
+             "# --- rendezvous host: the first node, at the address Slurm knows for it ----------------",
+             'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+             'HEAD_ADDR=$(scontrol show node "$HEAD" | grep -o "NodeAddr=[^ ]*" | cut -d= -f2)',
+             'if [ -z "$HEAD_ADDR" ] || [ "$HEAD_ADDR" = "$HEAD" ]; then  # no address configured: DNS',
+             '  HEAD_ADDR=$(getent hosts "$HEAD" | awk \'{print $1; exit}\')',
+             "fi",
+             'if [ -z "$HEAD_ADDR" ]; then',
+             '  echo "lathe slurm: error: cannot find an address for the head node $HEAD (no NodeAddr in '
+             'scontrol show node, no DNS entry); ask your admins, or set HEAD_ADDR in --setup" >&2',
+             "  exit 2",
+             "fi",
+             'case "$HEAD_ADDR" in',
+             "  127.*|::1|localhost)",
+             '    HOSTS=$(for n in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do scontrol show node "$n" | '
+             'grep -o "NodeHostname=[^ ]*"; done | sort -u | wc -l)',
+             '    if [ "$SLURM_NNODES" -gt 1 ] && [ "$HOSTS" -gt 1 ]; then',
+             '      echo "lathe slurm: error: the head node $HEAD has the loopback address $HEAD_ADDR but the job\'s '
+             '$SLURM_NNODES nodes are $HOSTS different hosts: the other nodes could never reach it; fix NodeAddr '
+             'or set HEAD_ADDR in --setup" >&2',
+             "      exit 2",
+             "    fi;;",
+             "esac",
+             "PORT=$((20000 + SLURM_JOB_ID % 20000))  # per job: jobs sharing a node do not clash",
+             'echo "lathe slurm: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST, '
+             'rendezvous $HEAD_ADDR:$PORT"',
+             "",
+             "# --- NCCL/Gloo: defaults that surface errors instead of hanging; override in --setup ----",
+             "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}",
+             "export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}",
+             'if [ -n "${LATHE_NET_IFNAME:-}" ]; then export NCCL_SOCKET_IFNAME=$LATHE_NET_IFNAME '
+             "GLOO_SOCKET_IFNAME=$LATHE_NET_IFNAME; fi",
+             "",
+             command,
+             "rc=$?",
+             'echo "lathe slurm: lathe launch exited with $rc"',
+             ]
+    if not opts.no_requeue:
+        lines += ['if [ "$rc" -eq 75 ]; then',
+                  '  echo "lathe slurm: preempted with a checkpoint saved: requeueing job $SLURM_JOB_ID"',
+                  '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+                  "fi"]
+    lines.append("exit $rc")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    from lathe import config as config_lib
+    from lathe.launch import split_argv
+
+    mine, train_args = split_argv(argv)
+    opts = build_parser().parse_args(mine)
+    for name in ("nodes", "procs_per_node", "gpus_per_node", "max_restarts", "signal_lead", "rdzv_timeout"):
+        value = getattr(opts, name)
+        low = 1 if name == "nodes" else 0
+        if value < low:
+            raise ConfigError(f"--{name.replace('_', '-')}", f"must be >= {low}", "", value)
+    parse_time(opts.time)
+    if opts.apptainer and opts.enroot:
+        raise ConfigError("--apptainer", "cannot be combined with --enroot", "pick one container runtime")
+    cfg, _ = config_lib.load_config(train_args)  # bad train options: one line now, not in the job
+    world = opts.nodes * (opts.procs_per_node or opts.gpus_per_node or 1)
+    config_lib.validate(cfg, world_size=world, cuda_available=bool(opts.gpus_per_node))
+    script = render(opts, train_args)
+    if opts.output or opts.submit:
+        path = Path(opts.output or f"{opts.logs}/{opts.job_name}.sbatch")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(script)
+        path.chmod(0o755)
+        print(f"wrote {path}")
+        if opts.submit:
+            Path(opts.logs).mkdir(parents=True, exist_ok=True)
+            try:
+                proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+            except FileNotFoundError:
+                raise ConfigError("--submit", "sbatch not found", "run this on a Slurm login node, or drop --submit "
+                                  "and submit the script yourself") from None
+            if proc.returncode != 0:
+                raise ConfigError("--submit", f"sbatch refused the job: {' '.join(proc.stderr.split())}",
+                                  "check --partition/--account/--qos/--time")
+            print(f"submitted job {proc.stdout.strip().split(';')[0]}")
+    else:
+        print(script, end="")
+    return 0
