@@ -30,8 +30,12 @@ commands:
 
 
 def setup_logging() -> None:
-    # No rank prefix here: torchrun's --tee (scripts/run_train.sh) prefixes each line with its rank.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+    """INFO from the ranks in ``LOG_RANK`` (global ranks, comma-separated; default 0), warnings and
+    errors from every rank, so a multi-node job's log holds one copy of the step lines.
+    No rank prefix here: torchrun's --tee (scripts/run_train.sh) prefixes each line with its rank."""
+    shown = {r.strip() for r in os.environ.get("LOG_RANK", "0").split(",")}
+    level = logging.INFO if os.environ.get("RANK", "0") in shown else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout, force=True)
 
 

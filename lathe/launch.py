@@ -15,7 +15,8 @@ with what plain torchrun lacks for unattended cluster jobs:
   marker; the launcher then exits ``EXIT_PREEMPTED`` (75), so the job script can requeue. (A
   worker exiting non-zero would make torchrun restart it, and plain torchrun exits 1 anyway.)
 - A dead worker (kill -9, OOM) makes torchrun stop the others; with ``--max-restarts N`` the group
-  restarts and resumes from the latest complete checkpoint. Workers die with the launcher
+  restarts and resumes from the latest complete checkpoint (each rendezvous round gets a fresh
+  store for the workers, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: see ``main``). Workers die with the launcher
   (``PR_SET_PDEATHSIG``): a ``kill -9`` of the launcher leaves no orphans (they get SIGTERM, save
   and exit).
 - Quiet: torchrun's own banner and failure tables are hidden (``LATHE_LAUNCH_VERBOSE=1`` shows
@@ -115,11 +116,59 @@ def worker_preempted() -> int:
     return EXIT_PREEMPTED
 
 
-class _Forwarder:
-    """SIGTERM/SIGUSR1 to this process -> the same signal to every worker."""
+def worker_hung() -> None:
+    """In a worker whose watchdog fired: tell the launcher (see ``_HangReaper``)."""
+    folder = os.environ.get("LATHE_LAUNCH_DIR")
+    if folder:
+        try:
+            Path(folder, f"hung.rank{os.environ.get('RANK', '0')}").write_text("")
+        except OSError:
+            pass
 
-    def __init__(self):
+
+class _HangReaper:
+    """When a worker's watchdog fires, SIGKILL this node's other workers at once. torchrun would
+    send them SIGTERM and wait 30 s, and a stopped (SIGSTOP) or wedged process never answers
+    SIGTERM; nothing of a hung group's state is worth saving."""
+
+    def __init__(self, launch_dir: str):
+        import threading
+
+        self.launch_dir, self.stop = launch_dir, threading.Event()
+        self.thread = threading.Thread(target=self._run, name="lathe-hang-reaper", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self.stop.wait(0.5):
+            markers = glob.glob(os.path.join(self.launch_dir, "hung.rank*"))
+            if not markers:
+                continue
+            for child in psutil.Process().children(recursive=False):
+                try:
+                    child.kill()
+                except psutil.Error:
+                    pass
+            for marker in markers:  # a restarted group (--max-restarts) is watched afresh
+                os.replace(marker, marker.replace("hung.", "was-hung."))
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+
+class _Forwarder:
+    """SIGTERM/SIGUSR1 to this process -> the same signal to every worker, which saves a checkpoint
+    and exits 0. Without checkpointing (or at a second signal) there is nothing to wait for: the
+    signal ends the agent as plain torchrun would (it stops the workers), and is never mistaken for
+    a failure to restart from."""
+
+    def __init__(self, workers_save: bool):
         self.received: int | None = None
+        self.workers_save = workers_save
         self.previous = {}
 
     def __enter__(self):
@@ -129,7 +178,11 @@ class _Forwarder:
 
     def _handle(self, signum, frame) -> None:
         import psutil
+        from torch.distributed.elastic.multiprocessing.api import SignalException
 
+        if not self.workers_save or self.received is not None:
+            self.received = signum
+            raise SignalException(f"lathe launch received {signal.Signals(signum).name}", signal.Signals(signum))
         self.received = signum
         print(f"lathe launch: received {signal.Signals(signum).name}: telling the workers to save and stop",
               file=sys.stderr, flush=True)
@@ -166,16 +219,28 @@ def main(argv: list[str]) -> int:
     check_rendezvous(args)
     launch_dir = tempfile.mkdtemp(prefix="lathe-launch-")
     os.environ["LATHE_LAUNCH_DIR"] = launch_dir
-    # SIGTERM is ours to forward (torchrun's agent would kill the workers 30 s later instead).
-    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")
+    # SIGTERM and SIGUSR1 are ours to forward (torchrun's agent would stop the workers instead,
+    # giving them 30 s before SIGKILL, and exit 143). torchrun writes its option into the
+    # environment variable its process handler reads, so set both.
+    ours = ",".join(s.name for s in FORWARDED)
+    theirs = ",".join(x for x in getattr(args, "signals_to_handle", None) or "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+                      .split(",") if x.strip() not in ours)
+    if hasattr(args, "signals_to_handle"):
+        args.signals_to_handle = theirs
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = theirs
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # Workers get a fresh store per rendezvous round: sharing the agent's c10d store makes a
+    # restarted group read the previous round's addresses (gloo: "connectFullMesh failed ...
+    # Connection refused"; NCCL: a stale unique id), so --max-restarts never recovers
+    # (pytorch/pytorch#135712, #167288; seen with torch 2.13).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if os.environ.get("LATHE_LAUNCH_VERBOSE", "0") != "1":  # torchrun's banner and failure tables
         for name in list(logging.root.manager.loggerDict):
             if name.startswith(("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.launcher")):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
     failures = None
     try:
-        with _Forwarder() as forwarder:
+        with _Forwarder(workers_save=cfg.checkpoint.enable_checkpoint) as forwarder, _HangReaper(launch_dir):
             try:
                 run(args)
                 code = 0
@@ -200,7 +265,7 @@ def _outcome(code: int, failures, launch_dir: str, received: int | None) -> int:
         return EXIT_PREEMPTED if preempted else 0
     if failures:
         codes = {f.exitcode for f in failures.values()}
-        if EXIT_HUNG in codes:
+        if EXIT_HUNG in codes or glob.glob(os.path.join(launch_dir, "*hung.rank*")):
             return EXIT_HUNG
         rank, first = min(failures.items(), key=lambda kv: kv[1].timestamp)
         how = f"signal {first.signal_name()}" if first.exitcode < 0 else f"exit code {first.exitcode}"

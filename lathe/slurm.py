@@ -144,7 +144,7 @@ def render(opts: argparse.Namespace, train_args: list[str]) -> str:
              'case "$HEAD_ADDR" in',
              "  127.*|::1|localhost)",
              '    HOSTS=$(for n in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do scontrol show node "$n" | '
-             'grep -o "NodeHostname=[^ ]*"; done | sort -u | wc -l)',
+             'grep -io "NodeHostName=[^ ]*"; done | sort -u | wc -l)',
              '    if [ "$SLURM_NNODES" -gt 1 ] && [ "$HOSTS" -gt 1 ]; then',
              '      echo "lathe slurm: error: the head node $HEAD has the loopback address $HEAD_ADDR but the job\'s '
              '$SLURM_NNODES nodes are $HOSTS different hosts: the other nodes could never reach it; fix NodeAddr '
@@ -158,7 +158,6 @@ def render(opts: argparse.Namespace, train_args: list[str]) -> str:
              "",
              "# --- NCCL/Gloo: defaults that surface errors instead of hanging; override in --setup ----",
              "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}",
-             "export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}",
              'if [ -n "${LATHE_NET_IFNAME:-}" ]; then export NCCL_SOCKET_IFNAME=$LATHE_NET_IFNAME '
              "GLOO_SOCKET_IFNAME=$LATHE_NET_IFNAME; fi",
              "",
@@ -198,9 +197,9 @@ def main(argv: list[str]) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(script)
         path.chmod(0o755)
+        Path(opts.logs).mkdir(parents=True, exist_ok=True)  # Slurm opens the .out/.err files before the script runs
         print(f"wrote {path}")
         if opts.submit:
-            Path(opts.logs).mkdir(parents=True, exist_ok=True)
             try:
                 proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
             except FileNotFoundError:

@@ -286,7 +286,8 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
 
     device = pick_device(cfg)
     ck = cfg.checkpoint
-    distributed.set_nccl_defaults(cfg.comm.trace_buf_size, dump_folder)
+    if device.type == "cuda":
+        distributed.set_nccl_defaults(cfg.comm.trace_buf_size, dump_folder)
     own_group = distributed.init(device, cfg.comm.init_timeout_seconds,
                                  single_process_group=ck.enable_checkpoint and ck.async_mode == "async_with_pinned_mem")
     dims = ParallelDims.from_config(cfg.parallelism, distributed.world_size())

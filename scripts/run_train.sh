@@ -14,7 +14,7 @@ if [ -z "${NGPU:-}" ]; then
   NGPU=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
 fi
 CONFIG_FILE=${CONFIG_FILE:-"$here/../configs/debug_model.toml"}
-LOG_RANK=${LOG_RANK:-0}
+export LOG_RANK=${LOG_RANK:-0}  # torchrun shows these local ranks; lathe logs INFO on these ranks
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 # Works from a checkout without `pip install -e .` too.
 export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"

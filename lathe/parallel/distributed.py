@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -46,15 +47,17 @@ def init(device: torch.device, init_timeout_s: int, single_process_group: bool =
 
 def set_nccl_defaults(trace_buffer_size: int, dump_folder) -> None:
     """NCCL error handling and the flight recorder, unless the environment already says otherwise:
-    a failed or timed-out collective aborts the process group (instead of hanging), and each rank
-    keeps its last ``trace_buffer_size`` collectives, dumped to ``{dump_folder}/nccl_trace/rank_R``
-    when a collective times out (read them with ``torch.distributed.flight_recorder``). No effect
-    with gloo (CPU)."""
+    a failed or timed-out collective tears the process down (instead of hanging), and each rank
+    keeps its last ``trace_buffer_size`` collectives, dumped to ``{dump_folder}/comm_traces/rank_R``
+    when a collective times out (read them with ``python -m torch.distributed.flight_recorder``,
+    docs/clusters.md). Call only on CUDA: gloo (CPU) reads none of these."""
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     if trace_buffer_size > 0:
-        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", str(trace_buffer_size))
+        traces = Path(dump_folder) / "comm_traces"
+        traces.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(trace_buffer_size))
         os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
-        os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", f"{dump_folder}/nccl_trace/rank_")
+        os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", f"{traces}/rank_")
 
 
 def set_train_timeout(seconds: int) -> None:

@@ -130,4 +130,7 @@ class Watchdog:
         logger.error(message)
         print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()
+        from lathe.launch import worker_hung
+
+        worker_hung()  # under `lathe launch`: the launcher ends this node's other workers at once
         os._exit(EXIT_HUNG)

@@ -1,7 +1,9 @@
 """A real two-node Slurm on one host, for tests: ``slurmctld`` plus ``slurmd -N n1`` and
 ``slurmd -N n2`` (Debian's slurm-wlm), ``auth/none``, both nodes at NodeAddr 127.0.0.1 with their
 own ports. Node names do not resolve by DNS, as on many clusters; their address is what Slurm
-knows. Started in a temporary folder and stopped by PID.
+knows. Started in a temporary folder and stopped by PID. One setting differs from a production
+cluster: ``AuthInfo=cred_expire=5``. Slurm holds a requeued job back for that long (default 120 s,
+so on a real cluster a requeued job restarts about two minutes after it stopped).
 
     with SlurmCluster(tmp_path) as cluster:
         job = cluster.sbatch(script_path)
@@ -37,9 +39,13 @@ def _free_ports(n: int) -> list[int]:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, nodes: int = 2, cpus: int = 2, kill_wait: int = 30):
+    def __init__(self, root: Path, nodes: int = 2, cpus: int = 2, kill_wait: int = 30,
+                 node_hostnames: list[str] | None = None):
         self.root = Path(root)
         self.nodes = [f"n{i + 1}" for i in range(nodes)]
+        # What Slurm believes each node's host is called (all this host by default). Another name
+        # makes Slurm think the nodes are different machines, though all run here.
+        self.node_hostnames = node_hostnames
         self.cpus, self.kill_wait = cpus, kill_wait
         self.procs: list[subprocess.Popen] = []
         self.conf = self.root / "slurm.conf"
@@ -52,7 +58,7 @@ class SlurmCluster:
             (self.root / d).mkdir(parents=True, exist_ok=True)
         lines = [
             "ClusterName=lathetest", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={ctl}",
-            "AuthType=auth/none", "CredType=cred/none", "SlurmUser=root", "SlurmdUser=root",
+            "AuthType=auth/none", "CredType=cred/none", "AuthInfo=cred_expire=5", "SlurmUser=root", "SlurmdUser=root",
             f"StateSaveLocation={self.root}/state", f"SlurmdSpoolDir={self.root}/spool/%n",
             f"SlurmctldPidFile={self.root}/slurmctld.pid", f"SlurmdPidFile={self.root}/slurmd-%n.pid",
             f"SlurmctldLogFile={self.root}/log/slurmctld.log", f"SlurmdLogFile={self.root}/log/slurmd-%n.log",
@@ -64,8 +70,9 @@ class SlurmCluster:
             "SlurmctldTimeout=30", "MessageTimeout=30", "SchedulerParameters=sched_interval=1",
             "PrologFlags=NoHold", "LaunchParameters=use_interactive_step",
         ]
-        for name, port in zip(self.nodes, node_ports):
-            lines.append(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
+        for i, (name, port) in enumerate(zip(self.nodes, node_ports)):
+            node_host = self.node_hostnames[i] if self.node_hostnames else host
+            lines.append(f"NodeName={name} NodeHostname={node_host} NodeAddr=127.0.0.1 Port={port} "
                          f"CPUs={self.cpus} RealMemory=4000 State=UNKNOWN")
         lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE "
                      "State=UP OverSubscribe=FORCE:4")
