@@ -210,6 +210,11 @@ def main(argv: list[str]) -> int:
     launcher_argv, train_argv = split_argv(argv)
     parser = get_args_parser()
     parser.prog = "lathe launch"
+
+    def one_line_error(message: str):  # argparse would print the usage and exit
+        raise ConfigError("lathe launch", message, "see lathe launch --help and torchrun --help")
+
+    parser.error = one_line_error
     args = parser.parse_args([*launcher_argv, "-m", "lathe", "train", *train_argv])
     cfg, _ = config_lib.load_config(train_argv)
     world = _world_size(args)

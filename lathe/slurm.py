@@ -31,7 +31,6 @@ import math
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 from lathe.errors import ConfigError
@@ -53,8 +52,13 @@ def parse_time(text: str) -> str:
     raise ConfigError("--time", "not a Slurm time", "minutes (90) or [D-]HH:MM:SS (4:00:00)", text)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every lathe error (argparse prints usage + exits)
+        raise ConfigError("lathe slurm", message, "see lathe slurm --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lathe slurm", description="Write (and submit) a Slurm batch script that runs "
+    p = _Parser(prog="lathe slurm", description="Write (and submit) a Slurm batch script that runs "
                                 "`lathe train` on N nodes. Options after `--` are `lathe train` options.")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node to request (0: CPU-only)")
@@ -83,16 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apptainer", default="", help="run inside this Apptainer/Singularity image (.sif)")
     p.add_argument("--enroot", default="", help="run inside this container image with enroot/pyxis "
                    "(srun --container-image)")
-    p.add_argument("--sbatch", action="append", default=[], help="an extra #SBATCH option, e.g. "
-                   "'--constraint=h100' (repeatable)")
+    p.add_argument("--sbatch", action="append", default=[], help="an extra #SBATCH option, written with "
+                   "'=': --sbatch=--constraint=h100 (repeatable)")
     p.add_argument("--python", default="python", help="the Python that has lathe installed (default python)")
     p.add_argument("--workdir", default="", help="directory the job runs in (default: where you submit)")
+    p.add_argument("--no-check", action="store_true", help="do not validate the train options here (when the "
+                   "tokenizer or data exist only where the job runs); the job then checks them at its start")
     p.add_argument("--output", default="", help="write the script to this file (default: print it)")
     p.add_argument("--submit", action="store_true", help="submit it with sbatch and print the job id")
     return p
 
 
-def render(opts: argparse.Namespace, train_args: list[str]) -> str:
+def render(opts: argparse.Namespace, train_args: list[str], argv: list[str]) -> str:
+    """The sbatch script; ``argv`` (this command's arguments) is recorded in its first comment."""
     procs = opts.procs_per_node or opts.gpus_per_node or 1
     lead = opts.signal_lead or (signal_lead(opts.step_seconds, opts.save_seconds)
                                 if opts.step_seconds or opts.save_seconds else DEFAULT_LEAD_S)
@@ -123,7 +130,9 @@ def render(opts: argparse.Namespace, train_args: list[str]) -> str:
     inner = launcher if not opts.apptainer else ["apptainer", "exec", "--nv" if opts.gpus_per_node else "",
                                                   q(opts.apptainer), *launcher]
     command = " ".join(x for x in [*srun, *inner] if x)
-    lines = ["#!/bin/bash", f"# Written by `lathe slurm` ({' '.join(q(a) for a in sys.argv[1:]) or 'defaults'}).",
+    lines = ["#!/bin/bash", f"# Written by: lathe slurm {' '.join(q(a) for a in argv)}".rstrip(),
+             "# Submit with `sbatch THIS_FILE`. Edit the #SBATCH lines and the `lathe train` options (after",
+             "# `--` on the srun line) freely; docs/clusters.md explains every part.",
              *[f"#SBATCH {x}" for x in sb], "",
              "set -uo pipefail",
              f"mkdir -p {q(opts.logs)}",
@@ -190,8 +199,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--apptainer", "cannot be combined with --enroot", "pick one container runtime")
     cfg, _ = config_lib.load_config(train_args)  # bad train options: one line now, not in the job
     world = opts.nodes * (opts.procs_per_node or opts.gpus_per_node or 1)
-    config_lib.validate(cfg, world_size=world, cuda_available=bool(opts.gpus_per_node))
-    script = render(opts, train_args)
+    if not opts.no_check:
+        config_lib.validate(cfg, world_size=world, cuda_available=bool(opts.gpus_per_node))
+    script = render(opts, train_args, argv)
     if opts.output or opts.submit:
         path = Path(opts.output or f"{opts.logs}/{opts.job_name}.sbatch")
         path.parent.mkdir(parents=True, exist_ok=True)
