@@ -257,10 +257,11 @@ def small_tmpfs(tmp_path):
 
 
 @pytest.mark.parametrize("mode,steps", [("disabled", 4), ("async", 6)])
-def test_disk_full_during_save_names_space_and_keeps_previous(small_tmpfs, mode, steps):
+def test_disk_full_during_save_names_space_and_keeps_previous(small_tmpfs, reference, tmp_path, mode, steps):
     """12 MiB holds one 9.5 MB checkpoint, not two: the second save (step 4; in async mode a
     background one, reported when the next save waits for it) fails with one line naming the
-    folder, the bytes needed and free; step-2 stays intact and verifies."""
+    folder, the bytes needed and free; step-2 stays intact and verifies; moved to a disk with
+    room, the run resumes from it and continues exactly."""
     folder = small_tmpfs / "run"
     proc = train_cli(folder, "--checkpoint.async_mode", mode, steps=steps)
     line = one_error_line(proc)
@@ -269,6 +270,33 @@ def test_disk_full_during_save_names_space_and_keeps_previous(small_tmpfs, mode,
     assert complete_steps(folder / "checkpoint") == [2]
     assert not [p for p in (folder / "checkpoint").iterdir() if ".partial-" in p.name]
     inspect_checkpoint(folder / "checkpoint" / "step-2", "full")  # intact
+    roomy = tmp_path / "roomy"
+    shutil.copytree(folder, roomy)
+    (roomy / "metrics.jsonl").unlink()
+    rerun = train_cli(roomy, "--checkpoint.async_mode", mode, steps=4)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert losses(roomy) == pytest.approx({s: reference[1][s] for s in (3, 4)}, rel=1e-6)
+
+
+def test_a_background_save_is_committed_as_soon_as_it_is_written(tmp_path):
+    """An async save becomes a complete checkpoint when its files are on disk, not at the next
+    save: a kill -9 between the two keeps it."""
+    folder = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lathe", "train", *BASE, "--training.steps", "100000",
+                             "--checkpoint.interval", "20", "--checkpoint.async_mode", "async",
+                             "--job.dump_folder", str(folder)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    try:
+        for line in proc.stdout:
+            if "checkpoint step 20: committed" in line:
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert max(losses(folder)) < 40  # killed before the next save could have committed anything
+    assert complete_steps(folder / "checkpoint") == [20]
+    inspect_checkpoint(folder / "checkpoint" / "step-20", "full")
 
 
 def test_dump_folder_that_is_a_file_or_read_only(tmp_path):
