@@ -119,6 +119,12 @@ class _ChunkCrc:
         self._fill = 0
 
     def update(self, data) -> None:
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        if self._fill + n < CHUNK:  # the common case: DCP writes in pieces far smaller than a chunk
+            self._crc = zlib.crc32(data, self._crc)
+            self._fill += n
+            self.size += n
+            return
         view = memoryview(data).cast("B")
         while len(view):
             take = min(len(view), CHUNK - self._fill)
@@ -156,7 +162,8 @@ class _ChecksummingStream(io.RawIOBase):
 
     def write(self, data) -> int:
         n = self.inner.write(data)
-        self.crc.update(memoryview(data).cast("B")[:n] if n is not None else data)
+        full = data.nbytes if isinstance(data, memoryview) else len(data)
+        self.crc.update(data if n is None or n == full else memoryview(data).cast("B")[:n])
         return n
 
     def tell(self) -> int:
