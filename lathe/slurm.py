@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "`lathe train` on N nodes. Options after `--` are `lathe train` options.")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node to request (0: CPU-only)")
+    p.add_argument("--gpu-type", default="", help="GPU type to request, e.g. l40s or h100 "
+                   "(--gpus-per-node=TYPE:N; names are your cluster's)")
     p.add_argument("--procs-per-node", type=int, default=0,
                    help="training processes per node (default: --gpus-per-node, or 1 without GPUs)")
     p.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's task (default: Slurm's)")
@@ -113,7 +115,7 @@ def render(opts: argparse.Namespace, train_args: list[str], argv: list[str]) -> 
         if value:
             sb.append(f"--{flag}={value}")
     if opts.gpus_per_node:
-        sb.append(f"--gpus-per-node={opts.gpus_per_node}")
+        sb.append(f"--gpus-per-node={opts.gpu_type + ':' if opts.gpu_type else ''}{opts.gpus_per_node}")
     if opts.cpus_per_task:
         sb.append(f"--cpus-per-task={opts.cpus_per_task}")
     if opts.workdir:
@@ -195,6 +197,8 @@ def main(argv: list[str]) -> int:
         if value < low:
             raise ConfigError(f"--{name.replace('_', '-')}", f"must be >= {low}", "", value)
     parse_time(opts.time)
+    if opts.gpu_type and not opts.gpus_per_node:
+        raise ConfigError("--gpu-type", "needs --gpus-per-node", "add --gpus-per-node N", opts.gpu_type)
     if opts.apptainer and opts.enroot:
         raise ConfigError("--apptainer", "cannot be combined with --enroot", "pick one container runtime")
     cfg, _ = config_lib.load_config(train_args)  # bad train options: one line now, not in the job

@@ -30,7 +30,7 @@ def test_the_committed_template_is_what_lathe_slurm_writes(tmp_path):
 
 
 def test_script_contents_follow_the_options(tmp_path):
-    proc = lathe_slurm("--nodes", "4", "--gpus-per-node", "8", "--time", "4:00:00", "--partition", "ckpt",
+    proc = lathe_slurm("--nodes", "4", "--gpus-per-node", "8", "--gpu-type", "l40s", "--time", "4:00:00", "--partition", "ckpt",
                        "--account", "mylab", "--qos", "normal", "--module", "cuda/12.4", "--setup",
                        "source ~/venv/bin/activate", "--apptainer", "lathe.sif", "--sbatch=--constraint=l40s",
                        "--step-seconds", "2", "--save-seconds", "30", "--max-restarts", "3", "--no-check",
@@ -38,7 +38,7 @@ def test_script_contents_follow_the_options(tmp_path):
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=ckpt",
-                 "#SBATCH --account=mylab", "#SBATCH --qos=normal", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --account=mylab", "#SBATCH --qos=normal", "#SBATCH --gpus-per-node=l40s:8",
                  "#SBATCH --open-mode=append", "#SBATCH --requeue", "#SBATCH --constraint=l40s",
                  f"#SBATCH --signal=USR1@{signal_lead(2, 30)}", "module load cuda/12.4",
                  "source ~/venv/bin/activate", 'scontrol requeue "$SLURM_JOB_ID"'):
@@ -55,6 +55,7 @@ def test_signal_lead_rule():
 
 @pytest.mark.parametrize("args, expected", [
     (["--nodes", "0"], "--nodes=0: must be >= 1"),
+    (["--gpu-type", "h100"], "--gpu-type='h100': needs --gpus-per-node"),
     (["--time", "soon"], "--time='soon': not a Slurm time"),
     (["--apptainer", "a.sif", "--enroot", "b"], "--apptainer: cannot be combined with --enroot"),
     (["--sbatch", "--constraint=x"], "argument --sbatch: expected one argument"),  # argparse's own errors too
