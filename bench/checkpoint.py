@@ -60,11 +60,11 @@ Even so, treat step-time differences of less than ~10% between modes as noise.
 
 OpenMP waiting policy
 ---------------------
-lathe's CLI sets ``OMP_WAIT_POLICY=PASSIVE`` (unless already set) when an async mode is on, so by
-default the async runs use passive waiting and the ``off``/``disabled`` runs OpenMP's default
-(busy-waiting for a while). That alone changes every step's time on a small CPU, which then shows in
-the clean median and "vs off" columns. ``--omp-wait-policy active|passive`` sets the same policy for
-every run, to compare the modes on equal terms or the policies with each other.
+lathe leaves ``OMP_WAIT_POLICY`` to the environment (a ``PASSIVE`` default for the async modes was
+tried and reverted: it made every step 1.2-1.5x slower; docs/performance.md), so by default every
+run uses OpenMP's default (busy-waiting for a while). ``--omp-wait-policy active|passive`` sets one
+policy for every run, to compare the policies with each other. The tables in docs/performance.md
+made while the CLI still set ``PASSIVE`` for the async modes say so.
 """
 
 from __future__ import annotations
@@ -105,8 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="OMP_NUM_THREADS for the runs (default 0: leave torch's default, one per core)")
     p.add_argument("--omp-wait-policy", choices=("lathe", "active", "passive"), default="lathe",
-                   help="OMP_WAIT_POLICY for every run (default 'lathe': left to the environment and lathe, "
-                        "whose CLI sets PASSIVE when an async mode is on and it is not set)")
+                   help="OMP_WAIT_POLICY for every run (default 'lathe': left to the environment, as lathe does)")
     p.add_argument("--repeats", type=int, default=2, help="cycle through the modes this many times (default 2)")
     p.add_argument("--extra-repeats", type=int, default=0,
                    help="then rerun, up to this many times, each mode that has no quiet run yet (default 0)")
