@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lathe import metrics as M
+from lathe.metrics import peak as P
 from lathe import profiling
 from lathe.profiling import maybe_memory_snapshot, maybe_profile
 
@@ -29,7 +30,7 @@ def _shared_cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("lathe_cache")
 
 
-_real_measure = M.measure_matmul_flops
+_real_measure = P.measure_matmul_flops
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +39,7 @@ def _isolated_cache(_shared_cache_dir, monkeypatch):
     test that builds a MetricsProcessor: a fixed fake measurement stands in, except in the test of
     the measurement itself."""
     monkeypatch.setenv("LATHE_CACHE_DIR", str(_shared_cache_dir))
-    monkeypatch.setattr(M, "measure_matmul_flops", lambda device, budget_s=0.5: (1e11, "fake"))
+    monkeypatch.setattr(P, "measure_matmul_flops", lambda device, budget_s=0.5: (1e11, "fake"))
 
 
 # --- console line ---------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def test_lookup_peak_flops_unknown_is_none(name):
 
 def test_cpu_peak_is_measured_then_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("LATHE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(M, "measure_matmul_flops", _real_measure)
+    monkeypatch.setattr(P, "measure_matmul_flops", _real_measure)
     peak, source = M.peak_flops(torch.device("cpu"), budget_s=0.05)
     assert math.isfinite(peak) and peak > 0
     assert "measured" in source
@@ -130,7 +131,7 @@ def test_cpu_peak_is_measured_then_cached(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("measured again instead of reading the cache")
 
-    monkeypatch.setattr(M, "measure_matmul_flops", boom)
+    monkeypatch.setattr(P, "measure_matmul_flops", boom)
     peak2, source2 = M.peak_flops("cpu")
     assert peak2 == peak
     assert "cached" in source2
@@ -151,7 +152,7 @@ def test_cuda_peak_uses_table_or_measures(name, monkeypatch):
 def test_cache_dir_respects_xdg(tmp_path, monkeypatch):
     monkeypatch.delenv("LATHE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert M._peak_cache_path() == tmp_path / "lathe" / "peak_flops.json"
+    assert P._peak_cache_path() == tmp_path / "lathe" / "peak_flops.json"
 
 
 def test_mfu_and_is_finite():
@@ -328,7 +329,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 @pytest.mark.gpu
 def test_cuda_peak_and_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(M, "measure_matmul_flops", _real_measure)
+    monkeypatch.setattr(P, "measure_matmul_flops", _real_measure)
     monkeypatch.setenv("LATHE_CACHE_DIR", str(tmp_path))
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
