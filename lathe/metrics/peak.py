@@ -1,5 +1,6 @@
-"""Peak FLOP/s of the training device and MFU: a datasheet table for known GPUs, a short matmul
-benchmark (cached per device, torch version and thread count) for everything else."""
+"""Peak FLOP/s of the training device, in the dtype the run computes in, and MFU: a datasheet table
+for known GPUs, a short matmul benchmark (several trials, cached per device, dtype, torch version
+and thread count, re-measured when stale or beaten by a run) for everything else."""
 
 from __future__ import annotations
 
@@ -127,19 +128,30 @@ def _synchronize(device: torch.device) -> None:
             backend.synchronize()
 
 
-def measure_matmul_flops(device: torch.device, budget_s: float = 0.5) -> tuple[float, str]:
-    """Measure the achievable matmul throughput of ``device`` in FLOP/s, in about ``budget_s``.
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
-    Times square matmuls (fp32 on CPU, bf16 on CUDA, matching what training runs in there) and
-    returns the best run, since a best-of-N is the least noisy estimate of what the hardware can
-    do. Returns ``(flop_per_s, description of the benchmark)``.
+
+def default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    """What a run computes in when nobody says: bf16 on CUDA, fp32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def measure_matmul_flops(device: torch.device, budget_s: float = 0.5, *,
+                         dtype: torch.dtype | None = None) -> tuple[float, str]:
+    """Measure the achievable matmul throughput of ``device`` in ``dtype``, in about ``budget_s``.
+
+    Times square matmuls in ``dtype`` (default :func:`default_compute_dtype`: the dtype the MFU
+    will be computed for must be the one measured, since a CPU without native bf16 runs bf16
+    matmuls at a fraction of its fp32 speed) and returns the best run, since a best-of-N is the
+    least noisy estimate of what the hardware can do. Returns ``(flop_per_s, description)``.
 
     This is an *achievable* peak, a bit below a datasheet peak, so MFU against it reads higher than
     MFU against a datasheet would.
     """
     device = torch.device(device)
     on_cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if on_cuda else torch.float32
+    dtype = dtype or default_compute_dtype(device)
     # One timed run should be long enough that timer resolution and launch overhead don't matter,
     # yet short enough that several runs fit in the budget. A GPU needs several large matmuls per
     # run (one 8192^3 bf16 matmul takes ~1 ms on an H100).
@@ -155,8 +167,8 @@ def measure_matmul_flops(device: torch.device, budget_s: float = 0.5) -> tuple[f
 
     with torch.no_grad():
         if not on_cuda:
-            # Slow machines: estimate the speed on a smaller problem first and shrink n if a
-            # 2048^3 run would not fit at least four times into the budget.
+            # Slow machines (or a dtype the CPU emulates): estimate the speed on a smaller problem
+            # first and shrink n to 1024 if a 2048^3 run would not fit four times into the budget.
             small = torch.randn(1024, 1024, device=device, dtype=dtype)
             tmp = torch.empty_like(small)
             time_run(small, small, tmp, 1)  # warm-up (thread pool, caches)
@@ -178,7 +190,7 @@ def measure_matmul_flops(device: torch.device, budget_s: float = 0.5) -> tuple[f
             best = max(best, flop_per_run / time_run(a, b, out, reps))
             runs += 1
         del a, b, out
-    what = f"best of {runs} runs of {reps}x {str(dtype).removeprefix('torch.')} {n}x{n} matmul"
+    what = f"best of {runs} runs of {reps}x {_dtype_name(dtype)} {n}x{n} matmul"
     return best, what
 
 
@@ -215,61 +227,115 @@ def _log_once(key: str, msg: str, *args: Any) -> None:
         logger.info(msg, *args)
 
 
-def peak_flops(device: torch.device | str, *, budget_s: float = 0.5) -> tuple[float, str]:
-    """Peak FLOP/s of ``device`` for MFU, and a sentence saying where the number came from.
+# A cached measurement is trusted only if it was taken by this method (several trials, in the
+# run's dtype) and is younger than this; older entries (e.g. one taken while the machine was busy,
+# which would make every later MFU read too high) are measured again.
+CACHE_VERSION = 2
+CACHE_MAX_AGE_DAYS = 30
+TRIALS = 3  # short measurements, a moment apart; the best is kept
+TRIAL_PAUSE_S = 0.2
 
-    * A CUDA GPU listed in :data:`PEAK_BF16_DENSE_FLOPS` gets its datasheet bf16 dense peak.
-    * Anything else (CPUs, unlisted GPUs, MIG slices) is measured once with
-      :func:`measure_matmul_flops` and the result cached in ``peak_flops.json`` under the cache
-      directory (``$LATHE_CACHE_DIR``, ``$XDG_CACHE_HOME/lathe`` or ``~/.cache/lathe``). The cache
-      key is the device name and torch version, plus the thread count on CPU (CPU matmul speed
-      scales with threads; a GPU's doesn't).
 
-    A measurement taken while other work was competing for the device comes out low and stays
-    cached: delete the cache file (its path is in the returned source) to measure again.
+def _cache_key(device: torch.device, name: str, dtype: torch.dtype) -> str:
+    key = f"{device.type}|{name}|{_dtype_name(dtype)}|torch {torch.__version__}"
+    if device.type == "cpu":
+        key += f"|threads {torch.get_num_threads()}"  # CPU matmul speed scales with threads
+    return key
+
+
+def _fresh_entry(entry: Any, dtype: torch.dtype) -> bool:
+    """A cache entry measured by the current method, in ``dtype``, with this torch and thread
+    count, and not older than CACHE_MAX_AGE_DAYS."""
+    if not isinstance(entry, dict) or entry.get("version") != CACHE_VERSION:
+        return False
+    flops, when = entry.get("flops"), entry.get("measured_unix")
+    if not isinstance(flops, (int, float)) or flops <= 0 or not isinstance(when, (int, float)):
+        return False
+    if entry.get("dtype") != _dtype_name(dtype) or entry.get("torch") != torch.__version__:
+        return False
+    if entry.get("threads") not in (None, torch.get_num_threads()):
+        return False
+    return time.time() - when <= CACHE_MAX_AGE_DAYS * 86400
+
+
+def _measure_best(device: torch.device, dtype: torch.dtype, budget_s: float, trials: int) -> tuple[float, str]:
+    """``trials`` measurements of ``budget_s`` each, a moment apart, the best kept: a burst of
+    other work during one of them lowers that trial only."""
+    best, method = 0.0, ""
+    for i in range(trials):
+        if i:
+            time.sleep(TRIAL_PAUSE_S)
+        flops, what = measure_matmul_flops(device, budget_s, dtype=dtype)
+        if flops > best:
+            best, method = flops, what
+    return best, f"best of {trials} trials, each {method}"
+
+
+def peak_flops(device: torch.device | str, *, dtype: torch.dtype | None = None, budget_s: float = 0.5,
+               trials: int = TRIALS, at_least: float = 0.0) -> tuple[float, str]:
+    """Peak FLOP/s of ``device`` in ``dtype`` for MFU, and a sentence saying where it came from.
+
+    ``dtype`` is the dtype the run's matmuls compute in (default :func:`default_compute_dtype`).
+
+    * A CUDA GPU listed in :data:`PEAK_BF16_DENSE_FLOPS` computing in bf16 or fp16 gets its
+      datasheet dense peak (the tensor cores of these GPUs run both at the same rate).
+    * Anything else (CPUs, unlisted GPUs, MIG slices, fp32 compute) is measured with
+      :func:`measure_matmul_flops` in ``dtype``: ``trials`` trials of about ``budget_s`` each, a
+      moment apart, the best kept. The result
+      is cached in ``peak_flops.json`` under the cache directory (``$LATHE_CACHE_DIR``,
+      ``$XDG_CACHE_HOME/lathe`` or ``~/.cache/lathe``), keyed by device name, dtype and torch
+      version, plus the thread count on CPU. An entry from an older measuring method or older than
+      :data:`CACHE_MAX_AGE_DAYS` is measured again.
+    * ``at_least``: FLOP/s a run actually achieved. A cached peak below it is wrong (measured while
+      the machine was busy), so it is measured again; if the new measurement is still lower, the
+      achieved rate itself is the peak (it is a proven lower bound) and the source says so.
     """
     device = torch.device(device)
+    dtype = dtype or default_compute_dtype(device)
     name = _device_name(device)
+    dname = _dtype_name(dtype)
 
-    if device.type == "cuda":
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         key = _canonical_gpu_name(name)
         if key is not None:
             peak = PEAK_BF16_DENSE_FLOPS[key]
-            source = f"datasheet bf16 dense peak for {key} (device name {name!r})"
-            _log_once(key, "MFU uses peak %.3g TFLOP/s: %s", peak / 1e12, source)
+            source = f"datasheet {dname} dense peak for {key} (device name {name!r})"
+            _log_once(key + dname, "MFU uses peak %.3g TFLOP/s: %s", peak / 1e12, source)
             return peak, source
 
-    cache_key = f"{device.type}|{name}|torch {torch.__version__}"
-    if device.type == "cpu":
-        cache_key += f"|threads {torch.get_num_threads()}"
+    cache_key = _cache_key(device, name, dtype)
     path = _peak_cache_path()
     entry = _read_peak_cache(path).get(cache_key)
-    if (
-        isinstance(entry, dict)
-        and isinstance(entry.get("flops"), (int, float))
-        and entry["flops"] > 0
-    ):
+    if _fresh_entry(entry, dtype) and entry["flops"] >= at_least:
         peak = float(entry["flops"])
         source = (
-            f"measured matmul peak for {name!r} ({entry.get('method', '?')}, "
+            f"measured {dname} matmul peak for {name!r} ({entry.get('method', '?')}, "
             f"cached in {path} on {entry.get('measured_at', '?')})"
         )
         _log_once(cache_key, "MFU uses peak %.3g TFLOP/s: %s", peak / 1e12, source)
         return peak, source
 
-    _log_once(
-        "measuring " + cache_key,
-        "No datasheet peak for %r; measuring matmul throughput (about %.1f s)...",
-        name,
-        budget_s,
-    )
-    peak, method = measure_matmul_flops(device, budget_s=budget_s)
+    if at_least > 0 and isinstance(entry, dict):
+        why = (f"the run achieved {at_least / 1e12:.3g} TFLOP/s, above the cached peak "
+               f"{float(entry.get('flops') or 0) / 1e12:.3g}")
+    elif isinstance(entry, dict):
+        why = "the cached measurement is stale"
+    else:
+        why = "no datasheet peak"
+    logger.info("%s for %r in %s; measuring matmul throughput (about %.1f s)...", why, name, dname,
+                (budget_s + TRIAL_PAUSE_S) * trials)
+    peak, method = _measure_best(device, dtype, budget_s, trials)
     measured_at = time.strftime("%Y-%m-%d %H:%M:%S")
-    _write_peak_cache(
-        path, cache_key, {"flops": peak, "method": method, "measured_at": measured_at}
-    )
-    source = f"measured matmul peak for {name!r} ({method}, just now; cached in {path})"
-    _log_once(cache_key, "MFU uses peak %.3g TFLOP/s: %s", peak / 1e12, source)
+    lower_bound = peak < at_least
+    if lower_bound:
+        peak, method = at_least, f"the FLOP/s a run achieved; a new measurement gave only {peak / 1e12:.3g} TFLOP/s"
+    _write_peak_cache(path, cache_key, {
+        "flops": peak, "method": method, "measured_at": measured_at, "measured_unix": time.time(),
+        "version": CACHE_VERSION, "dtype": dname, "torch": torch.__version__,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None})
+    source = f"measured {dname} matmul peak for {name!r} ({method}, just now; cached in {path})"
+    logger.info("MFU uses peak %.3g TFLOP/s: %s", peak / 1e12, source)
+    _logged_peaks.add(cache_key)
     return peak, source
 
 

@@ -1,15 +1,54 @@
-"""Where metrics go besides the console: ``metrics.jsonl`` and TensorBoard."""
+"""Where metrics go besides the console: ``metrics.jsonl``, TensorBoard and (``wandb_sink.py``)
+Weights & Biases, all behind one small interface, :class:`Sink`.
+
+A sink gets two kinds of records, both flat dicts:
+
+* metrics at a step (``log(record, step)``): the training record of a log step, validation results;
+* events (``log(record, None)``, the record has an ``"event"`` key): ``start`` (device, peak FLOPs,
+  ...), ``skip`` and ``rollback`` (non-finite and spike policies), ``end``.
+
+:class:`Sinks` sends every record to all enabled sinks; the trainer never talks to one directly.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+
+
+class Sink(Protocol):
+    """One destination of metrics records."""
+
+    def log(self, record: Mapping[str, Any], step: int | None = None) -> None:
+        """Record metrics at ``step``, or an event when ``step`` is None."""
+
+    def close(self, exit_code: int = 0) -> None:
+        """Flush and release files or connections; ``exit_code`` 0 = the run succeeded."""
+
+
+class Sinks:
+    """All enabled sinks, written together in the order given."""
+
+    def __init__(self, sinks: Sequence[Sink] = ()):
+        self.sinks = list(sinks)
+
+    def log(self, record: Mapping[str, Any], step: int | None = None) -> None:
+        for sink in self.sinks:
+            sink.log(record, step)
+
+    def close(self, exit_code: int = 0) -> None:
+        for sink in self.sinks:
+            sink.close(exit_code)
+
+    def __len__(self) -> int:
+        return len(self.sinks)
+
 
 def _json_safe(value: Any) -> Any:
     """Make a value JSON-serialisable. NaN/inf become null: Python's json would write the bare
@@ -35,13 +74,13 @@ class JsonlLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a")
 
-    def log(self, record: Mapping[str, Any]) -> None:
+    def log(self, record: Mapping[str, Any], step: int | None = None) -> None:
         row = {k: _json_safe(v) for k, v in record.items()}
         row.setdefault("time", time.time())  # Unix timestamp, seconds
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         if not self._file.closed:
             self._file.close()
 
@@ -64,6 +103,14 @@ TENSORBOARD_TAGS: dict[str, str] = {
     "lr": "optim/lr",
     "grad_norm": "optim/grad_norm",
     "tokens_seen": "tokens_seen",
+    "tokens_seen_per_rank": "tokens_seen_per_rank",
+    "mfu_causal": "mfu_causal(%)",
+    "elapsed": "time_metrics/elapsed(s)",
+    "eta": "time_metrics/eta(s)",
+    "skipped_steps": "anomalies/skipped_steps",
+    "nonfinite_steps": "anomalies/nonfinite_steps",
+    "spike_steps": "anomalies/spike_steps",
+    "rollbacks": "anomalies/rollbacks",
     "val_loss": "validation/loss",
     "val_perplexity": "validation/perplexity",
     "val_tokens": "validation/tokens",
@@ -85,7 +132,9 @@ class TensorBoardLogger:
         self.log_dir = Path(log_dir)
         self._writer = SummaryWriter(log_dir=str(self.log_dir))
 
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if step is None:
+            return  # events are not scalars
         for key, value in metrics.items():
             if key in ("step", "time", "event"):
                 continue
@@ -95,6 +144,6 @@ class TensorBoardLogger:
             self._writer.add_scalar(TENSORBOARD_TAGS.get(key, key), value, step)
         self._writer.flush()
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         self._writer.close()
 
