@@ -171,6 +171,7 @@ def plot_comparison(cmp: Comparison, output: str | Path) -> Path:
             bottom.legend(fontsize=8)
         if any(d > 0 for d in shown):
             bottom.set_yscale("symlog", linthresh=max(cmp.rtol, 1e-9))
+            bottom.set_ylim(bottom=0)
         bottom.set_title(f"{m}: relative difference |A - B| / max(|A|, |B|)", fontsize=10)
         bottom.set_xlabel("step")
         bottom.grid(True, alpha=0.3)

@@ -4,7 +4,8 @@ from their ``metrics.jsonl``, drawn with matplotlib (optional: ``pip install 'la
 One panel per metric, runs overlaid in distinct colours and named in the legend; each curve is drawn
 raw (thin, faint) and smoothed (an exponential moving average, debiased like TensorBoard's); the
 validation loss is drawn as dots on the loss panel. The x axis is steps or global tokens. Scales:
-a metric spanning more than a factor of 20 (loss early in training, gradient norm) gets a log axis.
+a loss or gradient norm spanning more than a factor of 20 gets a log axis; throughput axes start at 0
+and leave out the first log window (start-up and compilation).
 PNG or SVG by the output's extension.
 """
 
@@ -33,7 +34,11 @@ TITLES = {
     "step_time": "step time (s)",
     "val_perplexity": "validation perplexity",
 }
-LOG_SPAN = 20.0  # a metric whose max/min exceeds this gets a log axis
+LOG_SPAN = 20.0  # a loss or gradient norm whose max/min exceeds this gets a log axis
+LOG_METRICS = {"loss", "max_loss", "val_loss", "grad_norm", "val_perplexity"}
+EXACT = {"lr"}  # not noisy: never smoothed
+THROUGHPUT = {"wps", "mfu", "mfu_causal", "step_time"}  # the first log window holds warm-up: not in the y range
+MIN_POINTS_TO_SMOOTH = 20
 
 
 def _import_matplotlib():
@@ -120,41 +125,47 @@ def plot_runs(runs: list[str], output: str | Path, metrics: list[str] | None = N
     colors = [f"C{i % 10}" for i in range(len(histories))]
     for ax, metric in zip(axes, panels):
         ys_all: list[float] = []
+        has_val = False
         for run, color in zip(histories, colors):
             steps, ys = run.values(metric)
             if steps:
                 xs = _x(run, steps, x_axis)
-                smoothed = smooth > 0 and len(steps) > 5
+                smoothed = smooth > 0 and len(steps) >= MIN_POINTS_TO_SMOOTH and metric not in EXACT
                 ax.plot(xs, ys, color=color, linewidth=0.9 if smoothed else 1.6, alpha=0.35 if smoothed else 1.0,
                         label=None if smoothed else run.label)
                 if smoothed:
                     ax.plot(xs, ema(ys, smooth), color=color, linewidth=1.8, label=run.label)
-                ys_all += _finite(ys)
+                ys_all += _finite(ys[1:] if metric in THROUGHPUT and len(ys) > 2 else ys)
             if metric == "loss" and val_on_loss:
                 vsteps, vys = run.values("val_loss")
                 if vsteps:
+                    has_val = True
                     ax.plot(_x(run, vsteps, x_axis), vys, linestyle="none", marker="o", markersize=5, color=color,
                             markeredgecolor="black", markeredgewidth=0.6,
                             label=f"{run.label} (validation)")
                     ys_all += _finite(vys)
         title = TITLES.get(metric, metric)
-        if metric == "loss" and val_on_loss:
+        if metric == "loss" and has_val:
             title = "loss: training (lines), validation (dots)"
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step" if x_axis == "steps" else "tokens (global)")
         ax.set_ylabel(metric)
         ax.grid(True, alpha=0.3)
         positive = [v for v in ys_all if v > 0]
-        if positive and len(positive) == len(ys_all) and max(positive) / min(positive) > LOG_SPAN:
+        if (metric in LOG_METRICS and positive and len(positive) == len(ys_all)
+                and max(positive) / min(positive) > LOG_SPAN):
             ax.set_yscale("log")
+        elif metric in THROUGHPUT and ys_all:
+            ax.set_ylim(0, max(ys_all) * 1.15)
+            if metric == "wps":
+                ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         elif metric == "lr":
             ax.yaxis.set_major_formatter(ticker.ScalarFormatter(useMathText=True))
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-        elif metric == "wps":
-            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         if x_axis == "tokens":
             ax.xaxis.set_major_formatter(ticker.EngFormatter())
-        ax.legend(fontsize=8, loc="best")
+        if ax is axes[0] or has_val:
+            ax.legend(fontsize=8, loc="best")
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     names = ", ".join(h.label for h in histories)
