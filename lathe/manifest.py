@@ -215,7 +215,7 @@ class RunManifest:
         if previous is not None:
             history = previous.get("previous_runs", [])
             history.append({k: previous.get(k) for k in ("start_time", "end_time", "status", "exit_code", "steps",
-                                                        "error") if k in previous})
+                                                        "error", "config_hash") if k in previous})
         record = {
             "format_version": FORMAT_VERSION,
             "lathe": {"version": lathe.__version__, **_git_commit()},
@@ -296,6 +296,10 @@ def replay(run_dir: str, output: str | None, overrides: list[str], force: bool =
     cfg, _ = config_lib.load_config(["--config", str(toml), *overrides])
     if not force:
         _check_fingerprints(record, cfg)
+    changed = [r for r in record.get("previous_runs", []) if r.get("config_hash") not in (None, record.get("config_hash"))]
+    if changed:
+        logger.warning("the run's config changed between its starts (e.g. training.steps raised on a resume): the "
+                       "replay trains with the last one from the start, so it may not match the earlier steps")
     world = record.get("world", {})
     world_size, nodes = int(world.get("world_size", 1)), int(world.get("nodes", 1))
     logger.info("replaying %s (config %s, %d process%s) into %s", source, record.get("config_hash", "?")[:12],
