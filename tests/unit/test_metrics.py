@@ -531,3 +531,21 @@ def test_cuda_fp32_run_is_measured_not_given_the_bf16_datasheet(monkeypatch):
     assert peak == 1e11 and "measured float32" in source
     peak, source = M.peak_flops(torch.device("cuda", 0), dtype=torch.bfloat16)
     assert peak == 989e12 and "datasheet bfloat16" in source
+
+
+def test_progress_line_for_long_non_training_work(monkeypatch):
+    from lathe.metrics import progress as prog
+
+    clock = iter([0.0, 1.0, 4.0, 6.0, 15.0, 16.0, 100.0, 100.0, 100.0])  # start, per update, close; then "fast"
+    monkeypatch.setattr(prog.time, "monotonic", lambda: next(clock))
+    lines = []
+    with prog.Progress("corpus", total=10, unit="files", every_s=10, first_s=3, log=lines.append) as p:
+        for _ in range(4):
+            p.update(2)
+    assert lines[0] == "corpus: [########............]  40% 4/10 files  1/s  elapsed 4s  eta 6s"
+    assert lines[1].startswith("corpus: [################....]  80% 8/10 files")  # 15s: 10s after the first
+    assert lines[2].endswith("done") and len(lines) == 3
+    quiet = []
+    with prog.Progress("fast", total=3, log=quiet.append, first_s=3600) as p:
+        p.update(3)
+    assert quiet == []  # quick work prints nothing
