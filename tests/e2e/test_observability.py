@@ -88,7 +88,7 @@ def runs(tmp_path_factory):
     shutil.rmtree(a / "checkpoint" / "step-8")
     p = lathe(*TRAIN, *ckpt, *WANDB, "--job.dump_folder", str(a), cwd=root)  # resumes at step 4
     assert p.returncode == 0, show(p)
-    p = lathe(*TRAIN, "--optimizer.lr", "2e-3", "--job.dump_folder", str(b), cwd=root)
+    p = lathe(*TRAIN, "--optimizer.lr", "2e-3", "--metrics.plot_at_end", "--job.dump_folder", str(b), cwd=root)
     assert p.returncode == 0, show(p)
     return root, a, b
 
@@ -144,6 +144,7 @@ def test_plot_one_run_and_several(runs):
     from PIL import Image
 
     root, a, b = runs
+    assert (b / "metrics.png").stat().st_size > 20_000  # metrics.plot_at_end
     p = lathe("plot", str(a), cwd=root)
     assert p.returncode == 0, show(p)
     one = a / "metrics.png"
