@@ -312,8 +312,7 @@ def replay(run_dir: str, output: str | None, overrides: list[str], force: bool =
     if world_size == 1:
         cmd = [sys.executable, "-m", "lathe", "train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}", "--rdzv_backend=c10d",
-               "--rdzv_endpoint=localhost:0", "-m", "lathe", "train", *args]
+        cmd = [sys.executable, "-m", "lathe", "launch", "--nproc-per-node", str(world_size), "--", *args]
     return subprocess.run(cmd, env=env).returncode
 
 
