@@ -217,8 +217,9 @@ def cmd_replay(argv: list[str]) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--output", default=None, help="the replay's job.dump_folder; default RUN_DIR-replay")
     parser.add_argument("--force", action="store_true", help="replay even if the tokenizer or data changed")
-    own, sep, overrides = (argv[: argv.index("--")], "--", argv[argv.index("--") + 1:]) if "--" in argv else (argv, "", [])
-    args = parser.parse_args(own)
+    cut = argv.index("--") if "--" in argv else len(argv)  # after "--": overrides of the replayed config
+    args = parser.parse_args(argv[:cut])
+    overrides = argv[cut + 1:]
     setup_logging()
     from lathe.manifest import replay
 
