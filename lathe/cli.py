@@ -1,4 +1,4 @@
-"""Command-line entry points: ``lathe train``, ``lathe tokenizer train``, ``lathe config-docs``.
+"""Command-line entry points: ``lathe train``, ``tokenizer``, ``convert``, ``plot``, ``compare``, ``replay``, ...
 
 Bad input ends here as one line on stderr naming the option and the fix, exit code 2, no
 traceback. A run that fails while training (non-finite loss) exits with code 3.
@@ -25,6 +25,9 @@ commands:
   tokenizer    tokenizer tools (lathe tokenizer train --help)
   convert      lathe checkpoints <-> Hugging Face safetensors (lathe convert --help)
   seed-checkpoint  write initial weights (step-0) on one process, then exit
+  plot         loss curves of one or several runs as PNG/SVG (lathe plot --help)
+  compare      are two runs the same? per-step differences, exit 1 if not (lathe compare --help)
+  replay       rerun a run from its run.json manifest (lathe replay --help)
   config-docs  print the config reference as Markdown (docs/config.md)
 """
 
@@ -166,8 +169,70 @@ def cmd_slurm(argv: list[str]) -> int:
     return slurm_main(argv)
 
 
+def cmd_plot(argv: list[str]) -> int:
+    """``lathe plot RUN_DIR... [--output FILE.png] [--metrics loss,lr] [--x steps|tokens]``"""
+    parser = argparse.ArgumentParser(prog="lathe plot", description="plot metrics.jsonl of one or several runs")
+    parser.add_argument("runs", nargs="+", help="run folders (job.dump_folder) or metrics.jsonl files")
+    parser.add_argument("--output", default=None, help="PNG or SVG file; default RUN_DIR/metrics.png for one run, "
+                        "runs.png for several")
+    parser.add_argument("--metrics", default="loss,val_loss,lr,grad_norm,wps,mfu", help="comma-separated")
+    parser.add_argument("--x", default="steps", choices=("steps", "tokens"), help="x axis")
+    parser.add_argument("--smooth", type=float, default=0.6, help="EMA weight of the smoothed curve; 0 = raw only")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from lathe.metrics.plot import plot_runs
+
+    output = args.output or (str(Path(args.runs[0]) / "metrics.png") if len(args.runs) == 1 else "runs.png")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    print(f"wrote {plot_runs(args.runs, output, metrics, args.x, args.smooth)}")
+    return 0
+
+
+def cmd_compare(argv: list[str]) -> int:
+    """``lathe compare RUN_A RUN_B [--rtol X] [--assert-equal]``: exit 0 if the runs agree, 1 if not."""
+    parser = argparse.ArgumentParser(prog="lathe compare", description="per-step loss and gradient-norm "
+                                     "differences of two runs; exit code 0 = they agree within --rtol, 1 = not")
+    parser.add_argument("run_a")
+    parser.add_argument("run_b")
+    parser.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance; 0 = bitwise equal")
+    parser.add_argument("--assert-equal", action="store_true", help="also require the same logged steps")
+    parser.add_argument("--metrics", default="loss,grad_norm", help="comma-separated metrics to compare")
+    parser.add_argument("--plot", default="compare.png", help="plot file (PNG/SVG); 'none' = no plot")
+    args = parser.parse_args(argv)
+    from lathe.metrics.compare import compare_runs, format_table, plot_comparison, summary
+
+    cmp = compare_runs(args.run_a, args.run_b, [m.strip() for m in args.metrics.split(",") if m.strip()], args.rtol)
+    print(format_table(cmp))
+    text, code = summary(cmp, args.assert_equal)
+    if args.plot.lower() != "none":
+        try:
+            text += f"\nplot: {plot_comparison(cmp, args.plot)}"
+        except ConfigError as e:  # matplotlib missing: the table still answers
+            text += f"\nno plot: {e}"
+    print(text)
+    return code
+
+
+def cmd_replay(argv: list[str]) -> int:
+    """``lathe replay RUN_DIR [--output DIR] [-- train overrides]``"""
+    parser = argparse.ArgumentParser(prog="lathe replay", description="rerun a run from its run.json: same config, "
+                                     "same data, same number of processes; then `lathe compare RUN_DIR OUTPUT`")
+    parser.add_argument("run_dir")
+    parser.add_argument("--output", default=None, help="the replay's job.dump_folder; default RUN_DIR-replay")
+    parser.add_argument("--force", action="store_true", help="replay even if the tokenizer or data changed")
+    cut = argv.index("--") if "--" in argv else len(argv)  # after "--": overrides of the replayed config
+    args = parser.parse_args(argv[:cut])
+    overrides = argv[cut + 1:]
+    setup_logging()
+    from lathe.manifest import replay
+
+    return replay(args.run_dir, args.output, overrides, args.force)
+
+
 COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "tokenizer": cmd_tokenizer, "convert": cmd_convert,
-            "seed-checkpoint": cmd_seed_checkpoint, "config-docs": cmd_config_docs}
+            "seed-checkpoint": cmd_seed_checkpoint, "config-docs": cmd_config_docs, "plot": cmd_plot,
+            "compare": cmd_compare, "replay": cmd_replay}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,6 +118,17 @@ class Training:
     compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: fast to compile, for debugging)",
                                ("inductor", "aot_eager", "eager"))
     gc_freq: int = opt(50, "run Python's garbage collector every N steps (0 = automatic GC)")
+    # What a bad step does (lathe/guard.py, docs/observability.md)
+    on_nonfinite: str = opt("stop", "a step whose loss or gradient norm is NaN/inf: stop the run; skip its update on "
+                            "every rank; or rollback to the last checkpoint and skip that step's data",
+                            ("stop", "skip", "rollback"))
+    loss_spike_factor: float = opt(0.0, "a loss above this many times the median of the recent losses is a spike; "
+                                   "0 = no spike detection")
+    loss_spike_window: int = opt(50, "accepted steps in the running median the spike detector compares with")
+    on_loss_spike: str = opt("skip", "what a loss spike does (with loss_spike_factor > 0)", ("stop", "skip", "rollback"))
+    max_consecutive_skips: int = opt(5, "stop the run after this many bad steps in a row (skipped or rolled back)")
+    skip_batches: list = opt([], "global batches to drop unread, numbered by the step that would train on them, "
+                             "e.g. 1200-1300,1500 (as after a loss spike)")
 
 
 @dataclass
@@ -203,6 +214,14 @@ class Metrics:
     save_tb_folder: str = opt("tb", "TensorBoard folder under job.dump_folder")
     rank_0_only: bool = opt(True, "only the metrics rank writes TensorBoard files")
     enable_wandb: bool = opt(False, "log to Weights & Biases")
+    wandb_project: str = opt("lathe", "W&B project")
+    wandb_entity: str = opt("", "W&B team or user; empty = your default entity")
+    wandb_run_name: str = opt("", "W&B run name; empty = W&B picks one")
+    wandb_tags: list = opt([], "W&B tags, comma-separated")
+    wandb_mode: str = opt("online", "online, or offline: write the W&B run to {dump_folder}/wandb only "
+                          "(upload it later with wandb sync)", ("online", "offline"))
+    plot_at_end: bool = opt(False, "at the end of training write {dump_folder}/metrics.png, as lathe plot "
+                            "does (needs matplotlib: pip install 'lathe[plot]')")
 
 
 @dataclass
@@ -273,7 +292,6 @@ NOT_SUPPORTED_YET: dict[str, str] = {
     "float8.enable_float8_linear": "float8 training is not built yet",
     "experimental.enable_async_tensor_parallel": "async tensor parallel is not built yet",
     "experimental.enable_compiled_autograd": "compiled autograd is not built yet",
-    "metrics.enable_wandb": "the W&B sink is not built yet; use metrics.enable_tensorboard or metrics.jsonl",
     "memory_estimation.enabled": "the memory estimator is not built yet",
 }
 
@@ -517,10 +535,10 @@ def _toml_value(v: Any) -> str:
     return f'"{s}"'
 
 
-def to_toml(cfg: Config) -> str:
-    """The resolved config as TOML; loading it back gives the same config."""
+def to_toml(cfg: Config | dict) -> str:
+    """The resolved config (or its ``to_dict()``) as TOML; loading it back gives the same config."""
     lines = []
-    for section, values in cfg.to_dict().items():
+    for section, values in (cfg if isinstance(cfg, dict) else cfg.to_dict()).items():
         lines.append(f"[{section}]")
         for name, value in values.items():
             if value is None:
@@ -665,6 +683,7 @@ def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> 
                      f"{m.name} {m.flavor} has {n} {what}, not divisible by tp", "pick a tp that divides it")
         _require(t.seq_len % p.tp == 0, "training.seq_len", t.seq_len,
                  f"not divisible by parallelism.tp={p.tp} (sequence parallel splits it)", "use a multiple of tp")
+    _check_policies_and_sinks(cfg)
     ck = cfg.checkpoint
     _require(ck.interval >= 1, "checkpoint.interval", ck.interval, "must be >= 1", "e.g. 500")
     _require(ck.keep_latest_k >= 0, "checkpoint.keep_latest_k", ck.keep_latest_k, "must be >= 0", "0 keeps all")
@@ -687,6 +706,32 @@ def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> 
         derived = t.global_batch_size // per_step
         _require(accum in (1, derived), "training.gradient_accumulation_steps", accum,
                  f"contradicts training.global_batch_size (which implies {derived})", "set only one of the two")
+
+
+def _check_policies_and_sinks(cfg: Config) -> None:
+    """The non-finite and loss-spike policies (lathe/guard.py), training.skip_batches, and the
+    optional packages of the metrics sinks."""
+    import importlib.util
+
+    from lathe.guard import parse_batch_ranges  # late import: the config module stays light
+
+    for key, on, package, extra in (("metrics.enable_wandb", cfg.metrics.enable_wandb, "wandb", "wandb"),
+                                    ("metrics.plot_at_end", cfg.metrics.plot_at_end, "matplotlib", "plot")):
+        _require(not on or importlib.util.find_spec(package) is not None, key, on,
+                 f"needs the {package} package, which is not installed", f"pip install 'lathe[{extra}]'")
+
+    t = cfg.training
+    spike = t.loss_spike_factor
+    _require(spike == 0 or (spike > 1 and math.isfinite(spike)), "training.loss_spike_factor", spike,
+             "must be 0 (off) or a number above 1", "e.g. 3 (a loss 3x the recent median is a spike)")
+    _require(t.loss_spike_window >= 1, "training.loss_spike_window", t.loss_spike_window, "must be >= 1", "e.g. 50")
+    _require(t.max_consecutive_skips >= 1, "training.max_consecutive_skips", t.max_consecutive_skips,
+             "must be >= 1", "e.g. 5")
+    for key, policy in (("training.on_nonfinite", t.on_nonfinite), ("training.on_loss_spike", t.on_loss_spike)):
+        if policy == "rollback" and (key == "training.on_nonfinite" or spike > 0):
+            _require(cfg.checkpoint.enable_checkpoint, key, policy, "needs checkpoints to roll back to",
+                     "add --checkpoint.enable_checkpoint (and a checkpoint.interval), or use skip")
+    parse_batch_ranges(t.skip_batches)
 
 
 def _check_pipeline(cfg: Config, n_layers: int, dp_shard: int) -> None:

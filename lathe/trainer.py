@@ -33,7 +33,10 @@ from lathe.checkpoint.preemption import Preempted, PreemptionWatcher
 from lathe.config import Config
 from lathe.data import build_tokenizer, build_train_data, resolve_vocab_size
 from lathe.evaluation import Validator
+from lathe.guard import StepGuard, TrainingError  # noqa: F401 (lathe.trainer.TrainingError for callers)
+from lathe.manifest import RunManifest, exit_status
 from lathe.metrics import MetricsProcessor, make_dist_reduce_fn
+from lathe.metrics.wandb_sink import optional_sinks
 from lathe.models import MODELS
 from lathe.models.llama import ModelArgs, flops_per_token, num_params
 from lathe.optim import LRSchedules, Optimizers
@@ -63,10 +66,6 @@ from lathe.runlock import RunLock, check_writable
 logger = logging.getLogger("lathe")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (for example, the loss became NaN or infinite)."""
 
 
 @dataclass
@@ -176,29 +175,6 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (per_token.double().sum() / per_token.numel()).float()
 
 
-class NonFiniteGuard:
-    """Remembers the first step whose loss or gradient norm was NaN or infinite, without a device
-    sync per step.
-
-    ``record`` only queues tensor ops; ``check`` (at log steps and at the end) reads the result
-    and raises. On a GPU this keeps the CPU running ahead of the device.
-    """
-
-    def __init__(self, device: torch.device):
-        self.first_bad = torch.zeros((), dtype=torch.long, device=device)
-
-    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first_bad == 0)
-        self.first_bad = torch.where(bad, step, self.first_bad)
-
-    def check(self) -> None:
-        step = int(self.first_bad.item())
-        if step:
-            raise TrainingError(f"loss or gradient became non-finite (NaN or inf) at step {step}; stopping. "
-                                "Lower optimizer.lr, raise lr_scheduler.warmup_steps, or keep "
-                                "training.max_norm > 0 to clip gradients")
-
-
 def last_logged_step(dump_folder: Path) -> int:
     """The last step an earlier run in this folder logged (0 if none): how far it really got."""
     path = dump_folder / "metrics.jsonl"
@@ -254,6 +230,15 @@ def write_run_config(cfg: Config, dump_folder: Path) -> None:
     (dump_folder / "config.toml").write_text(config_lib.to_toml(cfg))
 
 
+def compute_dtype(cfg: Config, dims: ParallelDims) -> torch.dtype:
+    """The dtype the model's matmuls run in: FSDP's parameter dtype, else the autocast dtype, else
+    the parameters' float32. MFU's peak is taken in it."""
+    if dims.fsdp_enabled:
+        return DTYPES[cfg.training.mixed_precision_param]
+    dtype = cfg.training.autocast_dtype
+    return DTYPES[dtype] if dtype != "none" else torch.float32
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -268,8 +253,17 @@ def train(cfg: Config) -> TrainResult:
         check_writable(dump_folder / cfg.checkpoint.folder, "checkpoint.folder")
     # One run per folder: rank 0 holds the lock from before anything is written until the end.
     lock = RunLock(dump_folder).acquire() if distributed.rank() == 0 else None
+    # outputs/run.json: what ran, on what, with which data, and how it ended (lathe replay reads it)
+    manifest = RunManifest.start(cfg, dump_folder, world_size) if distributed.rank() == 0 else None
     try:
-        return _train(cfg, dump_folder)
+        result = _train(cfg, dump_folder)
+        if manifest is not None:
+            manifest.finish(exit_status(None), steps=result.steps, tokens=result.tokens)
+        return result
+    except BaseException as e:
+        if manifest is not None:
+            manifest.finish(exit_status(e))
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -360,11 +354,15 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         color=cfg.metrics.enable_color_printing, enable_tensorboard=cfg.metrics.enable_tensorboard,
         tb_folder=cfg.metrics.save_tb_folder, is_logging_rank=is_logging_rank,
         model_parallel_size=dims.model_parallel_size,
-        reduce_fn=make_dist_reduce_fn(meshes.dp.get_group()) if meshes.dp is not None else None)
+        reduce_fn=make_dist_reduce_fn(meshes.dp.get_group()) if meshes.dp is not None else None,
+        compute_dtype=compute_dtype(cfg, dims), attention_flops_per_token=flops_per_token(args, 0, t.seq_len),
+        dp_degree=dp_degree, total_steps=t.steps,
+        sinks=optional_sinks(cfg, dump_folder, train_state) if is_logging_rank else ())
     metrics.tokens_seen = train_state.tokens_seen // dp_degree
-    guard = NonFiniteGuard(device)
+    guard = StepGuard(t, device, train_state, windows_per_step=t.batch_size * accum * dp_degree,
+                      log_event=metrics.log_event)
     step_fn = StepRunner(parts, pipeline, optimizers, schedules, data, metrics, device, accum, cfg, dims,
-                         pp_group=meshes.pp.get_group() if meshes.pp is not None else None)
+                         pp_group=meshes.pp.get_group() if meshes.pp is not None else None, guard=guard)
     result = TrainResult(dump_folder=dump_folder, model_parts=parts)
     tokens_per_step = t.batch_size * t.seq_len * accum * dp_degree
     logger.info("training steps %d to %d: batch %d x accumulation %d x DP %d = %d sequences of %d tokens "
@@ -376,28 +374,36 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     step_losses: dict[int, torch.Tensor] = {}
     first_step = train_state.step + 1  # collective timeouts tighten once it is done
     watchdog = None  # started after the first step (compilation, lazy init)
+    failed = True
     try:
         with maybe_profile(prof.enable_profiling, dump_folder / prof.save_traces_folder,
                            prof.profile_freq, global_step=train_state.step) as profiler, \
              maybe_memory_snapshot(prof.enable_memory_snapshot, dump_folder / prof.save_memory_snapshot_folder,
                                    prof.profile_freq, global_step=train_state.step) as snapshotter, \
              preemption_watch(checkpointer.enabled) as preemption:
-            for step in range(first_step, t.steps + 1):
+            step = first_step - 1
+            while step < t.steps:
+                step += 1
                 if t.gc_freq and step % t.gc_freq == 0:
                     gc.collect(1)
                 loss = step_fn.run(step)
-                guard.record(step, loss, step_fn.grad_norm)
+                if step_fn.verdict.rollback:  # reload the last checkpoint; its step is where we continue
+                    with suspended(watchdog):
+                        step = guard.rollback(checkpointer, step)
+                    metrics.tokens_seen = train_state.tokens_seen // dp_degree
+                    continue
                 step_losses[step] = loss
                 train_state.step = step
                 train_state.tokens_seen += tokens_per_step
-                logged = metrics.step(step, loss, step_fn.ntokens, step_fn.lr, step_fn.grad_norm)
+                logged = metrics.step(step, loss, step_fn.ntokens, step_fn.lr, step_fn.grad_norm,
+                                      skipped=step_fn.verdict.skipped, counters=guard.counters)
                 if logged is not None:
                     train_state.loss_log.append([step, logged["loss"]])
                     if stage_timer is not None:  # every rank reports its own stages
                         logger.info(stage_timer.report(meshes.pp.get_local_rank(), plan.my_stages))
                 if logged is not None or step == t.steps:
                     guard.check()
-                if step == first_step:
+                if step == first_step and watchdog is None:
                     distributed.set_train_timeout(cfg.comm.train_timeout_seconds)
                     watchdog = Watchdog.maybe_start(cfg.comm.watchdog_timeout_seconds)
                 if watchdog is not None:
@@ -420,6 +426,7 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
                 if snapshotter is not None:
                     snapshotter.step()
         checkpointer.close()
+        failed = False
     except BaseException:
         # Commit an async save still in flight (it passed the finite check when it started). Only
         # on one process: with several, the other ranks may not reach this point, and committing
@@ -430,7 +437,7 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     finally:
         if watchdog is not None:
             watchdog.close()
-        metrics.close()
+        metrics.close(exit_code=int(failed))
         close = getattr(data, "close", None)
         if close is not None:
             close()
@@ -442,8 +449,12 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     result.losses = dict(zip(step_losses, torch.stack(list(step_losses.values())).tolist())) if step_losses else {}
     result.steps = train_state.step
     result.tokens = train_state.tokens_seen
-    logger.info("training completed: %d steps, %s tokens, metrics in %s", result.steps,
+    logger.info("training completed: %d steps, %s tokens (global), metrics in %s", result.steps,
                 f"{result.tokens:,}", dump_folder / "metrics.jsonl")
+    if cfg.metrics.plot_at_end and is_logging_rank:
+        from lathe.metrics.plot import plot_at_end
+
+        plot_at_end(dump_folder)
     return result
 
 
@@ -464,10 +475,11 @@ class StepRunner:
     """One optimizer step: micro-batches (forward, loss, backward), clipping, optimizer, schedule."""
 
     def __init__(self, parts, pipeline, optimizers, schedules, data, metrics, device, accum, cfg: Config,
-                 dims: ParallelDims, pp_group=None):
+                 dims: ParallelDims, pp_group=None, guard: StepGuard | None = None):
         self.parts, self.pipeline, self.pp_group = parts, pipeline, pp_group
         self.optimizers, self.schedules = optimizers, schedules
         self.data_iter = iter(data)
+        self.guard, self.verdict = guard, None
         self.metrics, self.device, self.accum = metrics, device, accum
         self.max_norm = cfg.training.max_norm if cfg.training.max_norm > 0 else float("inf")
         dtype = cfg.training.autocast_dtype
@@ -481,6 +493,9 @@ class StepRunner:
         self.optimizers.zero_grad()
         loss = torch.zeros((), device=self.device)
         self.ntokens = 0
+        if self.guard is not None:
+            self.guard.drop_skipped_windows(self.data_iter)
+        first_window = self.data_iter.position
         for micro in range(self.accum):
             for part in self.parts:
                 set_gradient_sync(part, micro == self.accum - 1)  # reduce grads once, at the end
@@ -493,8 +508,12 @@ class StepRunner:
             loss += self.forward_backward(inputs, labels)
         self.grad_norm = clip_grad_norm(self.parts, self.max_norm, self.pp_group)
         self.lr = self.optimizers.lr
-        self.optimizers.step()
-        self.schedules.step()
+        # Every rank agrees whether this update happens (non-finite and spike policies, guard.py).
+        self.verdict = self.guard.judge(step, loss, self.grad_norm, (first_window, self.data_iter.position)) \
+            if self.guard is not None else None
+        if self.verdict is None or self.verdict.apply:
+            self.optimizers.step()
+            self.schedules.step()
         return loss
 
 

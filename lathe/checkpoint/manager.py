@@ -102,6 +102,23 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     loss_log: list[list[float]] = field(default_factory=list)  # [step, loss] at log steps
+    # Non-finite and spike policies (lathe/guard.py). Older sidecars without these load as empty.
+    skipped: list[dict] = field(default_factory=list)  # steps whose update was dropped: step, reason, windows
+    skip_windows: list[list[int]] = field(default_factory=list)  # [start, end) global data windows to drop
+    counters: dict[str, int] = field(default_factory=dict)  # skipped_steps, nonfinite_steps, spike_steps, rollbacks
+    recent_losses: list[float] = field(default_factory=list)  # the spike detector's window
+    wandb_run_id: str = ""  # the W&B run a resumed run continues
+
+
+def _restore_train_state(train_state: TrainState, saved: dict[str, Any]) -> None:
+    """Set every field from a sidecar's ``train_state``; fields it lacks (older lathe) get their
+    defaults."""
+    for f in dataclasses.fields(TrainState):
+        if f.name in saved:
+            value = saved[f.name]
+        else:
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        setattr(train_state, f.name, value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +486,18 @@ class CheckpointManager:
             return True
         return False
 
+    def load_latest(self) -> bool:
+        """Reload this run's newest complete checkpoint that verifies, whatever ``load_step`` says
+        (a rollback: lathe/guard.py). False if there is none. Every rank must call it."""
+        self.wait()
+        _barrier(self.control)  # rank 0 has committed an async save before anyone lists the folder
+        for step in reversed(complete_steps(self.folder)):
+            problem = self._try_load(self.folder / f"step-{step}", model_only=False)
+            if problem is None:
+                return True
+            logger.warning("checkpoint step-%d is damaged, trying an earlier one: %s", step, problem)
+        return False
+
     def _try_load(self, path: Path, model_only: bool, initial: bool = False) -> str | None:
         """Verify and load ``path``; the problem (one line) if it is damaged, else None. Every
         rank checks its share of the files and all ranks agree on the verdict."""
@@ -518,10 +547,7 @@ class CheckpointManager:
             self.schedules.load_state_dict(meta["lr_schedule"])
             if self.data is not None and meta.get("data") is not None:
                 self.data.load_state_dict(meta["data"])
-            saved = meta["train_state"]
-            self.train_state.step = saved["step"]
-            self.train_state.tokens_seen = saved["tokens_seen"]
-            self.train_state.loss_log = saved["loss_log"]
+            _restore_train_state(self.train_state, meta["train_state"])
             rng_file = path / "rng" / f"rank{_rank()}.json"
             if rng_file.is_file():
                 set_rng_state(json.loads(rng_file.read_text()))

@@ -118,10 +118,14 @@ def build_corpus(cache_dir: str | Path | None = None, max_files: int | None = No
         files = files[:max_files]
 
     docs: list[tuple[str, str]] = []  # (relative path, document text)
-    for rel in files:
-        text = _module_document(stdlib, rel)
-        if text is not None:
-            docs.append((rel, text))
+    from lathe.metrics.progress import Progress  # late import: the corpus module stays light
+
+    with Progress("building the lathe_corpus from the Python standard library", len(files), "files") as progress:
+        for rel in files:
+            text = _module_document(stdlib, rel)
+            if text is not None:
+                docs.append((rel, text))
+            progress.update()
     if not docs:
         raise RuntimeError(f"no usable Python source files found under {stdlib}")
     train_docs, val_docs = _split(docs)

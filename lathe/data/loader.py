@@ -56,6 +56,12 @@ class DataLoader:
             return getattr(self.stream, name)
         raise AttributeError(name)
 
+    @property
+    def position(self) -> int:
+        """Global index of the next window this loader hands out: windows consumed so far, counted
+        over all ranks (the worker thread may be ahead; this is where the trainer is)."""
+        return int(self._state["window_index"]) if self._state is not None else self.stream.window_index
+
     def __iter__(self) -> DataLoader:
         return self
 
