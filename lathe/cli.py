@@ -23,6 +23,7 @@ commands:
   launch       torchrun with clean exit codes, preemption and restarts (lathe launch --help)
   slurm        write or submit a Slurm batch script for a run (lathe slurm --help)
   tokenizer    tokenizer tools (lathe tokenizer train --help)
+  data         tokenize a corpus once into Megatron .bin/.idx shards (lathe data prepare --help)
   convert      lathe checkpoints <-> Hugging Face safetensors (lathe convert --help)
   seed-checkpoint  write initial weights (step-0) on one process, then exit
   config-docs  print the config reference as Markdown (docs/config.md)
@@ -117,6 +118,13 @@ def cmd_tokenizer(argv: list[str]) -> int:
     return 0
 
 
+def cmd_data(argv: list[str]) -> int:
+    """``lathe data prepare|info ...`` (see lathe/data/prepare.py)."""
+    from lathe.data.prepare import main as data_main
+
+    return data_main(argv)
+
+
 def cmd_convert(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lathe convert", description="Hugging Face safetensors <-> lathe checkpoints")
     parser.add_argument("direction", choices=("lathe-to-hf", "hf-to-lathe"))
@@ -162,7 +170,7 @@ def cmd_slurm(argv: list[str]) -> int:
     return slurm_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "tokenizer": cmd_tokenizer, "convert": cmd_convert,
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "tokenizer": cmd_tokenizer, "data": cmd_data, "convert": cmd_convert,
             "seed-checkpoint": cmd_seed_checkpoint, "config-docs": cmd_config_docs}
 
 

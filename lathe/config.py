@@ -97,6 +97,8 @@ class Training:
     dataset_split: str = opt("train", "split to train on")
     dataset_text_field: str = opt("text", "record field holding the document text")
     dataset_mix: list = opt([], "weighted mix of sources, e.g. c4=0.7,/data/mine=0.3")
+    dataset_token_dtype: str = opt("auto", "dtype of a flat token .bin (nanoGPT); auto = llm.c's header",
+                                   ("auto", "uint16", "int32", "uint32"))
     shuffle_buffer: int = opt(0, "shuffle documents within a buffer of this many; 0 = file order")
     data_workers: int = opt(1, "background threads tokenizing and packing ahead; 0 = inline")
     document_ids: bool = opt(False, "also emit per-token document ids and positions")

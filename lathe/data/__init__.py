@@ -25,6 +25,7 @@ from lathe.data.sources import (
     validation_specs,
 )
 from lathe.data.stream import DocumentStream, PackedStream
+from lathe.data.token_stream import TokenWindowStream, build_token_stream, open_token_stores
 from lathe.data.tokenizer import (
     DEFAULT_TOKENIZER_PATH,
     HFTokenizer,
@@ -41,7 +42,7 @@ logger = logging.getLogger("lathe")
 
 __all__ = [
     "DEFAULT_TOKENIZER_PATH", "DataLoader", "DocumentStream", "HFTokenizer", "PackedStream",
-    "SentencePieceTokenizer", "TikTokenizer", "Tokenizer", "build_tokenizer", "build_train_data",
+    "SentencePieceTokenizer", "TikTokenizer", "TokenWindowStream", "Tokenizer", "build_tokenizer", "build_train_data",
     "build_validation_data", "check_data_config", "download_tokenizer", "load_tokenizer",
     "resolve_vocab_size",
 ]
@@ -109,6 +110,9 @@ def build_train_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) ->
     dp_degree) and ``close()``. Problems with the data raise ConfigError here, before training."""
     t = cfg.training
     check_data_config(cfg)
+    if any(spec.kind == "tokens" for spec, _ in train_specs(cfg)):  # prepared/Megatron/flat tokens
+        stream = build_token_stream(cfg, tokenizer, "train", dp_rank, dp_degree)
+        return DataLoader(stream, workers=t.data_workers)
     docs = _document_stream(cfg, "train", infinite=True)
     names = ", ".join(f"{s.name} ({w:.0%})" for s, w in zip(docs.sources, docs.weights)) \
         if len(docs.sources) > 1 else docs.sources[0].name
@@ -125,6 +129,9 @@ def build_validation_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: in
     Opening the sources (and their checks) happens once, here."""
     t, v = cfg.training, cfg.validation
     batch_size = v.batch_size or t.batch_size
+    if any(spec.kind == "tokens" for spec, _ in validation_specs(cfg)[0]):
+        stores, weights = open_token_stores(cfg, tokenizer, "validation")  # opened and checked now
+        return lambda: build_token_stream(cfg, tokenizer, "validation", dp_rank, dp_degree, stores, weights)
     docs = _document_stream(cfg, "validation", infinite=False)
     sources, weights = docs.sources, docs.weights
 
