@@ -158,6 +158,9 @@ def encode_unit(items: list[tuple]) -> tuple[np.ndarray, np.ndarray, list[tuple[
 def parse_source(source: str, config: str | None) -> SourceSpec:
     """One SOURCES entry, like a ``training.dataset_mix`` source: a name, a path/glob, ``org/name[:config]``."""
     src = source.strip()
+    if src.startswith(("/", "./", "../", "~")) and not is_glob(src) and not Path(src).expanduser().exists():
+        raise ConfigError("SOURCES", "no such file or folder", "check the path (globs like 'data/*.jsonl' work too)",
+                          src)
     if (not Path(src).expanduser().exists() and not is_glob(src) and ":" in src and src not in HF_PRESETS):
         src, _, cfg = src.partition(":")
         config = cfg or config
