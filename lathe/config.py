@@ -101,6 +101,7 @@ class Training:
                                    ("auto", "uint16", "int32", "uint32"))
     shuffle_buffer: int = opt(0, "shuffle documents within a buffer of this many; 0 = file order")
     data_workers: int = opt(1, "background threads tokenizing and packing ahead; 0 = inline")
+    split_tokenization: bool = opt(True, "processes share tokenizing text on the fly, each 1/N (same batches)")
     document_ids: bool = opt(False, "also emit per-token document ids and positions")
     batch_size: int = opt(8, "sequences per micro-batch per data-parallel rank")
     seq_len: int = opt(256, "tokens per sequence")

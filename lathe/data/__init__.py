@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import torch
+
 from lathe.data.loader import DataLoader
 from lathe.data.sources import (
     check_data_config,
@@ -24,6 +26,7 @@ from lathe.data.sources import (
     train_specs,
     validation_specs,
 )
+from lathe.data.split_tokenizer import SplitTokenizer
 from lathe.data.stream import DocumentStream, PackedStream
 from lathe.data.token_stream import TokenWindowStream, build_token_stream, open_token_stores
 from lathe.data.tokenizer import (
@@ -118,9 +121,18 @@ def build_train_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) ->
         if len(docs.sources) > 1 else docs.sources[0].name
     logger.info("data: %s, seq_len %d, batch %d per rank x %d ranks, shuffle buffer %d, %d worker thread(s)",
                 names, t.seq_len, t.batch_size, dp_degree, t.shuffle_buffer, t.data_workers)
+    encode_batch_size = 64
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if t.split_tokenization and world > 1:
+        tokenizer, encode_batch_size = SplitTokenizer(tokenizer), 64 * world
+        logger.info("data: the %d processes split the tokenization (each tokenizes 1/%d of the documents); each "
+                    "still reads and parses every record%s. For large runs, tokenize once with `lathe data "
+                    "prepare` and train from the prepared folder: each rank then reads only its share", world, world,
+                    " and streams the whole Hugging Face split" if any(s.kind == "hf" for s, _ in train_specs(cfg))
+                    else "")
     stream = PackedStream(docs, tokenizer, t.seq_len, t.batch_size, dp_rank=dp_rank, dp_degree=dp_degree,
-                          document_ids=t.document_ids)
-    return DataLoader(stream, workers=t.data_workers)
+                          document_ids=t.document_ids, encode_batch_size=encode_batch_size)
+    return DataLoader(stream, workers=t.data_workers, lockstep=isinstance(tokenizer, SplitTokenizer))
 
 
 def build_validation_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) -> Callable[[], PackedStream]:
