@@ -124,7 +124,7 @@ def build_train_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) ->
     encode_batch_size = 64
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if t.split_tokenization and world > 1:
-        tokenizer, encode_batch_size = SplitTokenizer(tokenizer), 64 * world
+        tokenizer, encode_batch_size = SplitTokenizer(tokenizer), min(64 * world, 2048)
         logger.info("data: the %d processes split the tokenization (each tokenizes 1/%d of the documents); each "
                     "still reads and parses every record%s. For large runs, tokenize once with `lathe data "
                     "prepare` and train from the prepared folder: each rank then reads only its share", world, world,

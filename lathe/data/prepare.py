@@ -303,7 +303,7 @@ def prepare_split(sources: list[Source], folder: Path, run: dict, pool, progress
     def consume_one() -> None:
         kind, k, payload = pending.popleft()
         if kind == "end":
-            info = writers.pop(k).finish(payload)
+            writers.pop(k).finish(payload)
             result.written += 1
             return
         tokens, lengths, bad = payload.result() if hasattr(payload, "result") else payload

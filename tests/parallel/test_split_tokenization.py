@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from lathe.config import load_config
 from lathe.data import build_train_data, load_tokenizer
 
@@ -19,10 +17,9 @@ ARGS = ["--training.dataset_path", str(DATA), "--training.seq_len", "16", "--tra
         "--training.shuffle_buffer", "8", "--training.document_ids"]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_split_tokenization_gives_the_single_process_batches(tmp_path, workers):
+def test_split_tokenization_gives_the_single_process_batches(tmp_path):
     steps, nproc = 30, 2
-    args = [*ARGS, "--training.data_workers", str(workers)]
+    args = [*ARGS, "--training.data_workers", "1"]  # the background thread, stopped in lockstep
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
            "--rdzv_endpoint=localhost:0", str(HERE / "split_tokenization_worker.py"), str(tmp_path), str(steps), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,

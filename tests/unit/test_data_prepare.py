@@ -213,3 +213,24 @@ def test_cli_prepare_and_info(tmp_path, data_dir, capsys):
     assert main(["data", "prepare", str(data_dir), "--output", str(tmp_path / "o"), "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lathe: error: --output=")
+
+
+def test_hugging_face_source(tmp_path, monkeypatch):
+    """A Hugging Face source (the real streaming datasets path, offline on a local folder) is read
+    in the main process and tokenized by the workers like local files."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    from lathe.data.prepare import Progress, _init_worker, prepare_split
+
+    docs = make_docs(30, seed=12)
+    write_jsonl(tmp_path / "ds" / "train.jsonl", docs)
+    write_jsonl(tmp_path / "ds" / "validation.jsonl", ["held out"])
+    spec = resolve_spec("huggingface", str(tmp_path / "ds"), None, "training.dataset_path")
+    src = open_source(spec, "train", cfg_for())
+    _init_worker("", "auto", "text", "uint16", 2)  # (1 would set this process up as a worker)
+    run = {"docs_per_shard": 8, "shard": (0, 1), "dtype": "uint16", "workers": 0}
+    result = prepare_split([src], tmp_path / "out" / "train", run, None, Progress(enabled=False))
+    assert (result.records, result.shards, result.documents) == (30, 4, 30)
+    tok = load_tokenizer()
+    got = [s for k in range(4) for s in read_megatron(tmp_path / "out" / "train" / f"shard-{k:05d}")[1]]
+    assert got == [tok.encode(d, bos=True, eos=True) for d in docs]
