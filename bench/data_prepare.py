@@ -112,8 +112,9 @@ def bench_prepare(tokenizer_path: Path, workers: int, out: Path) -> dict:
     summary = prepare(["lathe_corpus"], str(out), tokenizer=str(tokenizer_path), workers=workers, progress=False)
     wall = time.perf_counter() - start
     train = summary["splits"]["train"]
+    size = sum(f.stat().st_size for f in (out / "train").iterdir() if f.suffix in (".bin", ".idx"))
     return {"seconds": train.seconds, "documents": train.documents, "tokens": train.tokens, "wall": wall,
-            "dtype": summary["manifest"]["dtype"]}
+            "dtype": summary["manifest"]["dtype"], "mb": size / 1e6}
 
 
 def row(name: str, docs: int, tokens: int, seconds: float, note: str = "") -> None:
@@ -164,8 +165,8 @@ def main(argv=None) -> int:
     texts = list(iter_documents(corpus.train))
     chars = sum(map(len, texts))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"embedded corpus (train split): {len(texts):,} documents, {chars / 1e6:.1f}M characters; "
-          f"{_cpu_count()} CPUs, load average {load:.1f}")
+    print(f"embedded corpus (train split): {len(texts):,} documents, {chars / 1e6:.1f}M characters "
+          f"({corpus.train.stat().st_size / 1e6:.1f} MB of JSON lines); {_cpu_count()} CPUs, load average {load:.1f}")
     tik = Path(args.tiktoken_file) if args.tiktoken_file else llama3_format_file(texts, args.tiktoken_ranks)
     tokenizers_ = [("lathe default (tokenizers BPE, 4,096)", DEFAULT_TOKENIZER_PATH),
                    (f"tiktoken, Llama 3 format ({load_tokenizer(tik).vocab_size:,})", tik)]
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
             for w in args.workers:
                 r = bench_prepare(path, w, tmp / f"prep-{w}")
                 row(f"prepare, {w} worker(s)", r["documents"], r["tokens"], r["seconds"],
-                    f"{r['dtype']}; whole command {r['wall']:.1f} s")
+                    f"{r['tokens']:,} {r['dtype']} tokens, {r['mb']:.1f} MB; whole command {r['wall']:.1f} s")
         if args.skip_train:
             return 0
         store = tmp / "prep-default"
