@@ -170,8 +170,9 @@ def cmd_slurm(argv: list[str]) -> int:
     return slurm_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "tokenizer": cmd_tokenizer, "data": cmd_data, "convert": cmd_convert,
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "tokenizer": cmd_tokenizer, "convert": cmd_convert,
             "seed-checkpoint": cmd_seed_checkpoint, "config-docs": cmd_config_docs}
+COMMANDS["data"] = cmd_data
 
 
 def main(argv: list[str] | None = None) -> int:
