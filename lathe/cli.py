@@ -23,6 +23,7 @@ commands:
   launch       torchrun with clean exit codes, preemption and restarts (lathe launch --help)
   slurm        write or submit a Slurm batch script for a run (lathe slurm --help)
   tokenizer    tokenizer tools (lathe tokenizer train --help)
+  data         tokenize a corpus once into Megatron .bin/.idx shards (lathe data prepare --help)
   convert      lathe checkpoints <-> Hugging Face safetensors (lathe convert --help)
   seed-checkpoint  write initial weights (step-0) on one process, then exit
   plot         loss curves of one or several runs as PNG/SVG (lathe plot --help)
@@ -122,6 +123,13 @@ def cmd_tokenizer(argv: list[str]) -> int:
     out = train_tokenizer(files, args.vocab_size, Path(args.output))
     print(f"wrote {out}")
     return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    """``lathe data prepare|info ...`` (see lathe/data/prepare.py)."""
+    from lathe.data.prepare import main as data_main
+
+    return data_main(argv)
 
 
 def cmd_convert(argv: list[str]) -> int:
@@ -230,9 +238,9 @@ def cmd_replay(argv: list[str]) -> int:
     return replay(args.run_dir, args.output, overrides, args.force)
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "tokenizer": cmd_tokenizer, "convert": cmd_convert,
-            "seed-checkpoint": cmd_seed_checkpoint, "config-docs": cmd_config_docs, "plot": cmd_plot,
-            "compare": cmd_compare, "replay": cmd_replay}
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "tokenizer": cmd_tokenizer,
+            "data": cmd_data, "convert": cmd_convert, "seed-checkpoint": cmd_seed_checkpoint,
+            "config-docs": cmd_config_docs, "plot": cmd_plot, "compare": cmd_compare, "replay": cmd_replay}
 
 
 def main(argv: list[str] | None = None) -> int:

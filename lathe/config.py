@@ -97,8 +97,11 @@ class Training:
     dataset_split: str = opt("train", "split to train on")
     dataset_text_field: str = opt("text", "record field holding the document text")
     dataset_mix: list = opt([], "weighted mix of sources, e.g. c4=0.7,/data/mine=0.3")
+    dataset_token_dtype: str = opt("auto", "dtype of a flat token .bin (nanoGPT); auto = llm.c's header",
+                                   ("auto", "uint16", "int32", "uint32"))
     shuffle_buffer: int = opt(0, "shuffle documents within a buffer of this many; 0 = file order")
     data_workers: int = opt(1, "background threads tokenizing and packing ahead; 0 = inline")
+    split_tokenization: bool = opt(True, "processes share tokenizing text on the fly, each 1/N (same batches)")
     document_ids: bool = opt(False, "also emit per-token document ids and positions")
     batch_size: int = opt(8, "sequences per micro-batch per data-parallel rank")
     seq_len: int = opt(256, "tokens per sequence")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import torch
+
 from lathe.data.loader import DataLoader
 from lathe.data.sources import (
     check_data_config,
@@ -24,7 +26,9 @@ from lathe.data.sources import (
     train_specs,
     validation_specs,
 )
+from lathe.data.split_tokenizer import SplitTokenizer
 from lathe.data.stream import DocumentStream, PackedStream
+from lathe.data.token_stream import TokenWindowStream, build_token_stream, open_token_stores
 from lathe.data.tokenizer import (
     DEFAULT_TOKENIZER_PATH,
     HFTokenizer,
@@ -41,7 +45,7 @@ logger = logging.getLogger("lathe")
 
 __all__ = [
     "DEFAULT_TOKENIZER_PATH", "DataLoader", "DocumentStream", "HFTokenizer", "PackedStream",
-    "SentencePieceTokenizer", "TikTokenizer", "Tokenizer", "build_tokenizer", "build_train_data",
+    "SentencePieceTokenizer", "TikTokenizer", "TokenWindowStream", "Tokenizer", "build_tokenizer", "build_train_data",
     "build_validation_data", "check_data_config", "download_tokenizer", "load_tokenizer",
     "resolve_vocab_size",
 ]
@@ -109,14 +113,26 @@ def build_train_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) ->
     dp_degree) and ``close()``. Problems with the data raise ConfigError here, before training."""
     t = cfg.training
     check_data_config(cfg)
+    if any(spec.kind == "tokens" for spec, _ in train_specs(cfg)):  # prepared/Megatron/flat tokens
+        stream = build_token_stream(cfg, tokenizer, "train", dp_rank, dp_degree)
+        return DataLoader(stream, workers=t.data_workers)
     docs = _document_stream(cfg, "train", infinite=True)
     names = ", ".join(f"{s.name} ({w:.0%})" for s, w in zip(docs.sources, docs.weights)) \
         if len(docs.sources) > 1 else docs.sources[0].name
     logger.info("data: %s, seq_len %d, batch %d per rank x %d ranks, shuffle buffer %d, %d worker thread(s)",
                 names, t.seq_len, t.batch_size, dp_degree, t.shuffle_buffer, t.data_workers)
+    encode_batch_size = 64
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if t.split_tokenization and world > 1:
+        tokenizer, encode_batch_size = SplitTokenizer(tokenizer), min(64 * world, 2048)
+        logger.info("data: the %d processes split the tokenization (each tokenizes 1/%d of the documents); each "
+                    "still reads and parses every record%s. For large runs, tokenize once with `lathe data "
+                    "prepare` and train from the prepared folder: each rank then reads only its share", world, world,
+                    " and streams the whole Hugging Face split" if any(s.kind == "hf" for s, _ in train_specs(cfg))
+                    else "")
     stream = PackedStream(docs, tokenizer, t.seq_len, t.batch_size, dp_rank=dp_rank, dp_degree=dp_degree,
-                          document_ids=t.document_ids)
-    return DataLoader(stream, workers=t.data_workers)
+                          document_ids=t.document_ids, encode_batch_size=encode_batch_size)
+    return DataLoader(stream, workers=t.data_workers, lockstep=isinstance(tokenizer, SplitTokenizer))
 
 
 def build_validation_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) -> Callable[[], PackedStream]:
@@ -125,6 +141,9 @@ def build_validation_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: in
     Opening the sources (and their checks) happens once, here."""
     t, v = cfg.training, cfg.validation
     batch_size = v.batch_size or t.batch_size
+    if any(spec.kind == "tokens" for spec, _ in validation_specs(cfg)[0]):
+        stores, weights = open_token_stores(cfg, tokenizer, "validation")  # opened and checked now
+        return lambda: build_token_stream(cfg, tokenizer, "validation", dp_rank, dp_degree, stores, weights)
     docs = _document_stream(cfg, "validation", infinite=False)
     sources, weights = docs.sources, docs.weights
 

@@ -6,6 +6,12 @@ returns the state paired with the last batch the trainer actually took, never th
 the worker (which is a few batches ahead). Resuming from it therefore continues exactly after the
 last consumed batch, however far the worker had run.
 
+``lockstep``: when the stream's work involves collectives (`lathe.data.split_tokenizer`), every
+process must run its stream through the same calls. All of them consume batches alike, so their
+workers all end up waiting on a full queue after the same batch; `close` therefore lets the
+worker reach that point before stopping it, instead of stopping it in the middle of a batch whose
+collective the other processes' workers would wait for.
+
 A thread (not a process) is enough: the heavy part, tokenization, runs in the tokenizer's native
 code (``tokenizers``, tiktoken, sentencepiece), which releases the GIL and, for batches, is itself
 multi-threaded; the rest (JSON parsing, list slicing) is small next to a training step.
@@ -17,6 +23,7 @@ import copy
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 logger = logging.getLogger("lathe")
@@ -37,11 +44,14 @@ class DataLoader:
         workers: 0 = produce batches inline, in the caller's thread; >= 1 = one background
             thread producing ahead (tokenizer threads are configured on the tokenizer).
         prefetch: batches the thread may run ahead (default: 2 + 2 * workers).
+        lockstep: the stream runs collectives: stop the worker only where it waits on a full queue.
     """
 
-    def __init__(self, stream: Any, workers: int = 1, prefetch: int | None = None):
+    def __init__(self, stream: Any, workers: int = 1, prefetch: int | None = None, lockstep: bool = False):
         self.stream = stream
         self.workers = int(workers)
+        self.lockstep = lockstep
+        self._waiting = threading.Event()  # the worker waits on a full queue, or has ended
         self.prefetch = prefetch if prefetch is not None else 2 + 2 * max(self.workers, 1)
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
@@ -92,12 +102,19 @@ class DataLoader:
 
     def _start(self) -> None:
         self._stop.clear()
+        self._waiting.clear()
         self._queue = queue.Queue(maxsize=self.prefetch)
         self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop),
                                         name="lathe-data", daemon=True)
         self._thread.start()
 
     def _produce(self, q: queue.Queue, stop: threading.Event) -> None:
+        try:
+            self._produce_batches(q, stop)
+        finally:
+            self._waiting.set()
+
+    def _produce_batches(self, q: queue.Queue, stop: threading.Event) -> None:
         try:
             while not stop.is_set():
                 try:
@@ -109,13 +126,14 @@ class DataLoader:
         except BaseException as e:  # handed to the consumer, raised there
             self._put(q, stop, _Error(e))
 
-    @staticmethod
-    def _put(q: queue.Queue, stop: threading.Event, item: Any) -> None:
+    def _put(self, q: queue.Queue, stop: threading.Event, item: Any) -> None:
         while not stop.is_set():
             try:
                 q.put(item, timeout=0.1)
+                self._waiting.clear()
                 return
             except queue.Full:
+                self._waiting.set()
                 continue
 
     def _join(self, timeout: float | None = None) -> None:
@@ -133,6 +151,17 @@ class DataLoader:
             logger.warning("data: the background data worker did not stop within %.0f s", timeout)
         self._thread = None
         self._queue = None
+
+    def _wait_until_blocked(self, thread: threading.Thread, timeout: float) -> None:
+        """Wait until the worker holds a batch it cannot queue (the queue is full): then it has
+        produced exactly ``prefetch + 1`` batches beyond the consumer, like every other process's
+        worker, and is not inside a collective. (The consumer, calling this, is not consuming.)"""
+        deadline = time.monotonic() + timeout
+        while thread.is_alive() and not (self._waiting.is_set() and self._queue is not None and self._queue.full()):
+            if time.monotonic() > deadline:
+                logger.warning("data: the background data worker did not reach a stopping point within %.0f s", timeout)
+                return
+            time.sleep(0.01)
 
     def state_dict(self) -> dict:
         """The stream's state right after the last batch this loader handed out."""
@@ -153,6 +182,8 @@ class DataLoader:
             # The worker may have advanced the stream past the last consumed batch: rewind.
             state = self.state_dict()
             thread = self._thread
+            if self.lockstep:
+                self._wait_until_blocked(thread, timeout=300)
             self._join(timeout=30)
             if not thread.is_alive():  # (else the stream is abandoned to the stuck thread)
                 self.stream.load_state_dict(state)

@@ -500,8 +500,9 @@ def hf_split_names(path: str, config: str | None, option: str) -> list[str]:
 class SourceSpec:
     """One dataset named by the config, not yet opened.
 
-    kind: "corpus" (path = cache folder or None), "local" (path = file/folder/glob) or "hf"
-    (path = Hub id or dataset folder, config = its config name, has_validation known for presets).
+    kind: "corpus" (path = cache folder or None), "local" (path = file/folder/glob), "tokens"
+    (tokenized data, `lathe.data.store`) or "hf" (path = Hub id or dataset folder, config = its
+    config name, has_validation known for presets).
     """
 
     kind: str
@@ -533,7 +534,7 @@ def resolve_spec(name: str, path: str | None, config: str | None, option: str) -
             return SourceSpec("corpus", path, label=CORPUS_NAME, option=option)
         # Anything else given as a path is the user's own files (`--training.dataset_path data/`
         # works without also naming a dataset).
-        return SourceSpec("local", path, label=path, option="training.dataset_path")
+        return _path_spec(path, "training.dataset_path")
     if name in HF_PRESETS:
         hub, default_config, has_val = HF_PRESETS[name]
         return SourceSpec("hf", path or hub, config if config is not None else default_config, label=name,
@@ -541,14 +542,14 @@ def resolve_spec(name: str, path: str | None, config: str | None, option: str) -
     if name == "local":
         if path is None:
             raise ConfigError("training.dataset_path", "local needs a path", "set --training.dataset_path", None)
-        return SourceSpec("local", path, label=path, option="training.dataset_path")
+        return _path_spec(path, "training.dataset_path")
     if name == "huggingface":
         if path is None:
             raise ConfigError("training.dataset_path", "huggingface needs the dataset's Hub id",
                               "e.g. --training.dataset_path allenai/c4 --training.dataset_config en", None)
         return SourceSpec("hf", path, config, label=path, option="training.dataset_path")
     if path is None and (Path(name).expanduser().exists() or is_glob(name)):
-        return SourceSpec("local", name, label=name, option=option)
+        return _path_spec(name, option)
     if "/" in name and path is None:
         return SourceSpec("hf", name, config, label=name, option=option)
     import difflib
@@ -558,6 +559,13 @@ def resolve_spec(name: str, path: str | None, config: str | None, option: str) -
     fix = f"did you mean '{close[0]}'?" if close else (
         f"available: {', '.join(known)}, a local path, or a Hugging Face id like org/name")
     raise ConfigError(option, "unknown dataset", fix, name)
+
+
+def _path_spec(path: str, option: str) -> SourceSpec:
+    """Local text files, or tokenized data (`lathe.data.store`: prepared folder, Megatron, flat .bin)."""
+    from lathe.data.store import is_token_path
+
+    return SourceSpec("tokens" if is_token_path(path) else "local", path, label=path, option=option)
 
 
 def parse_mix(entries: Sequence[str]) -> list[tuple[SourceSpec, float]]:
@@ -675,7 +683,10 @@ def check_data_config(cfg) -> None:
     specs = train_specs(cfg)
     for spec, _ in specs:
         _check_spec(spec, cfg)
-    if not t.dataset_mix and specs[0][0].kind in ("corpus", "local") and t.dataset_split != "train":
+    if len({spec.kind == "tokens" for spec, _ in specs}) > 1:
+        raise ConfigError("training.dataset_mix", "mixes tokenized data (prepared, Megatron or .bin) with text sources",
+                          "prepare the text sources too (lathe data prepare) and mix the prepared folders")
+    if not t.dataset_mix and specs[0][0].kind in ("corpus", "local", "tokens") and t.dataset_split != "train":
         raise ConfigError("training.dataset_split", "only Hugging Face datasets have named splits",
                           "leave it at train (local files: the held-out split is described in docs/data.md)",
                           t.dataset_split)
@@ -705,6 +716,10 @@ def check_data_config(cfg) -> None:
 def _check_spec(spec: SourceSpec, cfg) -> None:
     if spec.kind == "local":
         list_local_files(spec.path, spec.option)
+    elif spec.kind == "tokens":
+        from lathe.data.store import check_store_path
+
+        check_store_path(spec.path, spec.option, cfg.training.dataset_token_dtype)
     elif spec.kind == "corpus" and spec.path is not None:
         p = Path(spec.path).expanduser()
         if not p.is_dir():

@@ -31,10 +31,12 @@ is windows ``[g*B*D, (g+1)*B*D)`` and rank ``r`` takes windows ``g*B*D + r*B + i
 checkpointed on 8 ranks can continue on 4 (with twice the batch size, or with the same batch
 size and so twice the steps) and train on exactly the same data in the same order.
 
-The price of this simplicity: every rank reads and tokenizes *every* document and throws away
-the (D-1)/D of the windows that belong to other ranks. Tokenizing runs in a background thread
-(`lathe.data.loader`) and is fast compared with a training step, so this is fine for moderate D;
-a very wide job would pre-tokenize instead.
+The price of this simplicity: every rank reads *every* document and throws away the (D-1)/D of
+the windows that belong to other ranks. The tokenizing, the expensive part, is shared: in a
+multi-process job the processes split each batch of documents between them
+(`lathe.data.split_tokenizer`, on by default), so each tokenizes 1/N. Reading and parsing stay
+N times; a wide job prepares its data once (`lathe data prepare`) and trains from the store,
+where each rank reads only its own windows (`lathe.data.token_stream`).
 
 Resuming: `PackedStream.state_dict()` is a small record: the global window index, the not yet
 emitted tokens of the current document (at most one document), the position of those tokens in
