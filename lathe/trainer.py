@@ -34,7 +34,8 @@ from lathe.config import Config
 from lathe.data import build_tokenizer, build_train_data, resolve_vocab_size
 from lathe.evaluation import Validator
 from lathe.metrics import MetricsProcessor, make_dist_reduce_fn
-from lathe.models import MODELS
+from lathe import precision
+from lathe.models import MODELS, model_args_from_config, model_overrides
 from lathe.models.llama import ModelArgs, flops_per_token, num_params
 from lathe.optim import LRSchedules, Optimizers
 from lathe.parallel import distributed
@@ -107,9 +108,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
-    flavor = MODELS[cfg.model.name].flavors[cfg.model.flavor]
-    return flavor.with_(vocab_size=vocab_size, max_seq_len=cfg.training.seq_len,
-                        norm_type=cfg.model.norm_type, rope_scaling=cfg.model.rope_scaling)
+    """The flavor's shape with the ``model.*`` overrides (lathe.models.model_args_from_config)."""
+    return model_args_from_config(cfg, vocab_size)
+
+
+def compute_dtype(cfg: Config, device: torch.device, dims: ParallelDims) -> torch.dtype:
+    """The dtype this run's matmuls compute in (for MFU and logs): see lathe/precision.py."""
+    return precision.compute_dtype(cfg.training.mixed_precision_param, cfg.training.autocast_dtype, device,
+                                   dims.fsdp_enabled)
 
 
 def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshes,
@@ -127,7 +133,9 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
             _wait_for_async_embedding_output(model)
         apply_compile(model, backend=cfg.training.compile_backend)
     if dims.fsdp_enabled:
-        apply_fsdp(model, meshes.data_parallel, DTYPES[cfg.training.mixed_precision_param],
+        param_dtype, _ = precision.param_dtype(cfg.training.mixed_precision_param,
+                                               torch.device(meshes.data_parallel.device_type))
+        apply_fsdp(model, meshes.data_parallel, param_dtype,
                    DTYPES[cfg.training.mixed_precision_reduce], pipeline_parallel=dims.pp > 1)
     elif dims.ddp_only:
         apply_ddp(model, meshes.data_parallel)
@@ -236,8 +244,8 @@ def check_activation_floor(cfg: Config) -> None:
     import psutil
 
     t, p = cfg.training, cfg.parallelism
-    flavor = MODELS[cfg.model.name].flavors[cfg.model.flavor]
-    floor = t.batch_size * t.seq_len * flavor.dim * (flavor.n_layers + 1) * 2 / max(1, p.tp * p.cp)
+    shape = model_args_from_config(cfg)
+    floor = t.batch_size * t.seq_len * shape.dim * (shape.n_layers + 1) * 2 / max(1, p.tp * p.cp)
     if torch.cuda.is_available() and t.device != "cpu":
         available, where = torch.cuda.get_device_properties(0).total_memory, "GPU memory"
     else:
@@ -308,8 +316,10 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     reference = copy.deepcopy(model)  # unparallelized, on meta: the source of initial weights
     n_params = num_params(model)
     flops = flops_per_token(args, num_params(model, exclude_embedding=True), t.seq_len)
-    logger.info("model %s %s: %s parameters, %.3e training FLOPs per token",
-                cfg.model.name, cfg.model.flavor, f"{n_params:,}", flops)
+    changed = model_overrides(args, cfg)
+    logger.info("model %s %s%s: %s parameters, %.3e training FLOPs per token", cfg.model.name, cfg.model.flavor,
+                f" ({changed})" if changed else "", f"{n_params:,}", flops)
+    precision.log_choice(t.mixed_precision_param, device, dims.fsdp_enabled)
 
     accum = config_lib.accumulation_steps(cfg, dp_degree)
     plan = pipeline_plan(cfg, args, dims, meshes, reference) if dims.pp > 1 else None

@@ -210,6 +210,7 @@ class Attention(nn.Module):
                                              is_causal=True, enable_gqa=self.n_rep > 1)
         return out.transpose(1, 2)
 
+    @torch.no_grad()
     def init_weights(self, out_std: float) -> None:
         if self.fused:  # the same random draws, in the same order, as the unfused layout
             wq, wk, wv = (nn.init.trunc_normal_(torch.empty_like(w), mean=0.0, std=0.02)
@@ -246,6 +247,7 @@ class FeedForward(nn.Module):
             return self.w2((F.silu(h[..., 0, :]) * h[..., 1, :]).flatten(-2))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    @torch.no_grad()
     def init_weights(self, out_std: float) -> None:
         if self.fused:  # the same random draws, in the same order, as the unfused layout
             w1, w3 = (torch.empty_like(w) for w in split_w13(self.w13.weight, self.block))
