@@ -1,7 +1,7 @@
 """lathe vs an installed torchtitan on the same shape, precision and activation checkpointing (CPU).
 
     python bench/vs_torchtitan.py --torchtitan-python /path/to/tt-venv/bin/python
-    python bench/vs_torchtitan.py --torchtitan-python ... --shapes seed --pairs 3 --steps 12
+    python bench/vs_torchtitan.py --torchtitan-python ... --shapes seed --steps 12 --sessions 2
 
 torchtitan is never a dependency of lathe. Install it for this benchmark only, in its own virtual
 environment, with torch pinned to the CPU build so that its requirements cannot pull the CUDA
@@ -42,13 +42,14 @@ placeholder package (no code), so the "seed" shape is run with the current relea
 
 Interleaving
 ------------
-Both workers start, build their model and run ``--warmup`` steps, then the parent steps them in
-lockstep: one step of the first, one step of the second, and so on; the one waiting sleeps on a
-pipe. Step k of both sides therefore runs under the same machine load. A "pair" is one such
-session; the order alternates between pairs. Reported per side: the median step time over the
-measured steps of all pairs and tokens/s from it; the ratio lathe/torchtitan of tokens/s, and
-the median of the per-step ratios (least sensitive to load drift). Numbers are printed, never
-asserted.
+Both workers start and build their model, then the parent steps them in lockstep: one step of
+one side, one step of the other, and so on; the one waiting sleeps on a pipe. Step k of both sides
+therefore runs under the same machine load, and each such pair of steps is an interleaved pair
+(the side that goes first alternates from pair to pair). The first ``--warmup`` pairs are not
+measured. ``--sessions`` repeats the whole thing with fresh processes. Reported per side: the
+median step time over all measured steps and tokens/s from it; the ratio lathe/torchtitan of
+tokens/s, and the median of the per-pair ratios (least sensitive to load drift). Numbers are
+printed, never asserted.
 
 Shapes
 ------
@@ -259,21 +260,22 @@ def run_shape(args: argparse.Namespace, shape: str) -> dict:
     infos = {}
     print(f"\n== shape {shape}: {s['n_layers']} blocks, dim {DIM}, {N_HEADS} heads, vocab {s['vocab']}, batch "
           f"{s['batch']} x seq {s['seq']} ({tokens:,} tokens/step), {dtype}, AC {s['ac']}", flush=True)
-    for pair in range(args.pairs):
-        order = ["lathe", "torchtitan"] if pair % 2 == 0 else ["torchtitan", "lathe"]
+    for session in range(args.sessions):
         pythons = {"lathe": sys.executable, "torchtitan": args.torchtitan_python}
-        sides = {name: Side(name, pythons[name], shape, dtype, args.threads, args.lathe_model_arg) for name in order}
+        sides = {name: Side(name, pythons[name], shape, dtype, args.threads, args.lathe_model_arg)
+                 for name in ("lathe", "torchtitan")}
         infos = {name: side.info for name, side in sides.items()}
         try:
             for k in range(args.warmup + args.steps):
+                order = ["lathe", "torchtitan"] if (k + session) % 2 == 0 else ["torchtitan", "lathe"]
                 step_times = {}
                 for name in order:
                     step_times[name], loss = sides[name].step()
                 if k >= args.warmup:
                     for name in order:
                         times[name].append(step_times[name])
-                    pair_ratios.append(step_times["torchtitan"] / step_times["lathe"])
-                print(f"  pair {pair + 1} step {k + 1}: " + ", ".join(
+                    pair_ratios.append(step_times["torchtitan"] / step_times["lathe"])  # = tokens/s ratio
+                print(f"  session {session + 1} pair {k + 1}: " + ", ".join(
                     f"{n} {step_times[n]:.2f}s" for n in order) + (" (warm-up)" if k < args.warmup else ""),
                     flush=True)
         finally:
@@ -283,16 +285,16 @@ def run_shape(args: argparse.Namespace, shape: str) -> dict:
     tps = {name: tokens / m for name, m in med.items()}
     return {"shape": shape, "dtype": dtype, "tokens_per_step": tokens, "median_step_s": med, "tokens_per_s": tps,
             "ratio": tps["lathe"] / tps["torchtitan"], "ratio_median_of_steps": statistics.median(pair_ratios),
-            "steps_per_side": len(times["lathe"]), "pairs": args.pairs, "infos": infos}
+            "steps_per_side": len(times["lathe"]), "sessions": args.sessions, "infos": infos}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--torchtitan-python", help="python of the environment torchtitan is installed in")
     p.add_argument("--shapes", default="seed,head", help="comma-separated: seed, head")
-    p.add_argument("--pairs", type=int, default=2, help="interleaved sessions per shape (default 2)")
-    p.add_argument("--steps", type=int, default=8, help="measured steps per side per pair (default 8)")
-    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (default 2)")
+    p.add_argument("--steps", type=int, default=8, help="measured interleaved step pairs per session (default 8)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured step pairs first (default 1)")
+    p.add_argument("--sessions", type=int, default=1, help="fresh pairs of processes per shape (default 1)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--head-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="precision of the head shape (auto: bf16 where the CPU has native bf16)")
@@ -307,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.torchtitan_python:
         p.error("--torchtitan-python is required (see the docstring for installing torchtitan)")
-    print(f"lathe vs torchtitan, CPU, {args.threads} threads, {args.pairs} interleaved pairs x {args.steps} "
-          f"measured steps (after {args.warmup} warm-up) per shape; lathe model args: "
+    print(f"lathe vs torchtitan, CPU, {args.threads} threads, {args.sessions} session(s) x {args.steps} measured "
+          f"interleaved step pairs (after {args.warmup} warm-up) per shape; lathe model args: "
           f"{args.lathe_model_arg or 'defaults'}", flush=True)
     results = [run_shape(args, shape) for shape in args.shapes.split(",")]
     print()
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(median step {r['median_step_s']['lathe']:.2f} s), torchtitan {tt.get('version', '?')} "
               f"{r['tokens_per_s']['torchtitan']:,.0f} tokens/s (median step {r['median_step_s']['torchtitan']:.2f} s); "
               f"ratio lathe/torchtitan {r['ratio']:.3f} (median of per-step ratios {r['ratio_median_of_steps']:.3f}), "
-              f"{r['steps_per_side']} steps per side from {r['pairs']} pairs; parameters lathe "
+              f"{r['steps_per_side']} interleaved step pairs from {r['sessions']} session(s); parameters lathe "
               f"{r['infos']['lathe']['params']:,}, torchtitan {tt.get('params', 0):,}")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "results": results}, indent=1))
