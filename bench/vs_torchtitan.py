@@ -10,8 +10,12 @@ wheels (torchtitan's dependencies name ``torch`` unpinned)::
     python -m venv ~/tt-venv
     ~/tt-venv/bin/pip install torch==2.13.0                      # the CPU wheel this machine has
     echo "torch==2.13.0" > /tmp/tt-constraints.txt
-    ~/tt-venv/bin/pip install -c /tmp/tt-constraints.txt torchtitan==0.3.0
-    ~/tt-venv/bin/pip list | grep -i torch                      # torch 2.13.0+cpu, torchtitan 0.3.0
+    ~/tt-venv/bin/pip install -c /tmp/tt-constraints.txt torchtitan==0.3.0 triton
+    ~/tt-venv/bin/pip list | grep -i -E "torch|triton"          # torch 2.13.0+cpu, torchtitan 0.3.0
+
+(``triton``: torchtitan 0.3.0 imports it unconditionally, through its MoE token dispatcher, even
+for Llama; CUDA builds of torch bring it along, the CPU build does not. It installs and imports on
+a CPU-only machine; nothing here runs a Triton kernel.)
 
 What runs
 ---------
