@@ -64,6 +64,18 @@ class Model:
     vocab_size: int = opt(0, "embedding rows; 0 = the tokenizer's vocabulary, larger pads it")
     rope_scaling: str = opt("none", "RoPE frequency scaling; llama3.1 = Llama 3.1 long-context scaling",
                             ("none", "llama3.1"))
+    # The shape, on top of the flavor: 0 keeps the flavor's value (lathe.models.model_args_from_config).
+    dim: int = opt(0, "model width (hidden size); 0 = the flavor's")
+    n_layers: int = opt(0, "transformer blocks; 0 = the flavor's")
+    n_heads: int = opt(0, "attention heads (dim must be a multiple); 0 = the flavor's")
+    n_kv_heads: int = opt(0, "key/value heads, dividing n_heads (grouped-query attention); 0 = the flavor's")
+    ffn_dim_multiplier: float = opt(0.0, "scales the SwiGLU hidden size 8/3 x dim (1 = unscaled); 0 = the flavor's")
+    multiple_of: int = opt(0, "the SwiGLU hidden size is rounded up to a multiple of this; 0 = the flavor's")
+    norm_eps: float = opt(0.0, "epsilon of the normalization layers; 0 = the flavor's (1e-5)")
+    rope_theta: float = opt(0.0, "RoPE base period; 0 = the flavor's (10000 for llama2, 500000 for llama3)")
+    depth_init: bool = opt(True, "output projections' init std shrinks with the block's depth (every flavor)")
+    fused_qkv: bool = opt(False, "one matmul for Q, K and V; checkpoints keep the unfused names")
+    fused_w13: bool = opt(False, "one matmul for the FFN's w1 and w3; checkpoints keep the unfused names")
 
 
 @dataclass
@@ -115,7 +127,9 @@ class Training:
     device: str = opt("auto", "auto = CUDA when available, else CPU", ("auto", "cpu", "cuda"))
     autocast_dtype: str = opt("none", "autocast compute dtype without FSDP (one device)",
                               ("none", "bfloat16", "float16"))
-    mixed_precision_param: str = opt("bfloat16", "FSDP parameter dtype for compute", DTYPES[:2])
+    mixed_precision_param: str = opt(
+        "auto", "FSDP parameter dtype for compute; auto = bfloat16 on GPUs and on CPUs with native bf16 "
+        "matmuls, else float32 (lathe/precision.py)", ("auto", *DTYPES[:2]))
     mixed_precision_reduce: str = opt("float32", "FSDP gradient reduction dtype", DTYPES[:2])
     compile: bool = opt(False, "torch.compile each transformer block")
     compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: fast to compile, for debugging)",
@@ -673,17 +687,26 @@ def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> 
     _require(product == world_size, "parallelism", f"dp_replicate {p.dp_replicate} x dp_shard {dp_shard} x "
              f"tp {p.tp} x pp {p.pp} x cp {p.cp} = {product}", f"must equal the number of processes ({world_size})",
              "change the degrees or the launch size")
+    from lathe.models import model_args_from_config  # late import: the config module stays light
+
+    margs = model_args_from_config(cfg)  # the flavor with the model.* shape overrides; checks them
     if p.pp > 1:
-        _check_pipeline(cfg, spec.flavors[m.flavor].n_layers, dp_shard)
+        _check_pipeline(cfg, margs.n_layers, dp_shard)
     _require(p.cp == 1, "parallelism.cp", p.cp, "not supported yet (context parallelism is being built)", "use 1")
     if p.tp > 1:
         _require(p.dp_replicate == 1 or dp_shard > 1, "parallelism.dp_replicate", p.dp_replicate,
                  "DDP (replicate without shard) does not compose with tensor parallel",
                  "use HSDP: set parallelism.dp_shard > 1 too, or put those ranks in dp_shard")
-        margs = spec.flavors[m.flavor]
         for what, n in (("attention heads", margs.n_heads), ("key/value heads", margs.kv_heads)):
             _require(n % p.tp == 0, "parallelism.tp", p.tp,
                      f"{m.name} {m.flavor} has {n} {what}, not divisible by tp", "pick a tp that divides it")
+        if margs.fused_w13:
+            from lathe.models.llama import w13_block  # late import: torch
+
+            blocks = margs.ffn_hidden_dim // w13_block(margs.ffn_hidden_dim)
+            _require(blocks % p.tp == 0, "model.fused_w13", True,
+                     f"the fused w1/w3 rows come in {blocks} blocks, which tp={p.tp} ranks cannot split evenly",
+                     "use --no-model.fused_w13 with this tp, or a tp that divides it")
         _require(t.seq_len % p.tp == 0, "training.seq_len", t.seq_len,
                  f"not divisible by parallelism.tp={p.tp} (sequence parallel splits it)", "use a multiple of tp")
     _check_policies_and_sinks(cfg)

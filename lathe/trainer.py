@@ -38,6 +38,8 @@ from lathe.manifest import RunManifest, exit_status
 from lathe.metrics import MetricsProcessor, make_dist_reduce_fn
 from lathe.metrics.wandb_sink import optional_sinks
 from lathe.models import MODELS
+from lathe import precision
+from lathe.models import MODELS, model_args_from_config, model_overrides
 from lathe.models.llama import ModelArgs, flops_per_token, num_params
 from lathe.optim import LRSchedules, Optimizers
 from lathe.parallel import distributed
@@ -106,9 +108,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
-    flavor = MODELS[cfg.model.name].flavors[cfg.model.flavor]
-    return flavor.with_(vocab_size=vocab_size, max_seq_len=cfg.training.seq_len,
-                        norm_type=cfg.model.norm_type, rope_scaling=cfg.model.rope_scaling)
+    """The flavor's shape with the ``model.*`` overrides (lathe.models.model_args_from_config)."""
+    return model_args_from_config(cfg, vocab_size)
+
+
+def compute_dtype(cfg: Config, device: torch.device, dims: ParallelDims) -> torch.dtype:
+    """The dtype this run's matmuls compute in (for MFU and logs): see lathe/precision.py."""
+    return precision.compute_dtype(cfg.training.mixed_precision_param, cfg.training.autocast_dtype, device,
+                                   dims.fsdp_enabled)
 
 
 def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshes,
@@ -126,7 +133,9 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
             _wait_for_async_embedding_output(model)
         apply_compile(model, backend=cfg.training.compile_backend)
     if dims.fsdp_enabled:
-        apply_fsdp(model, meshes.data_parallel, DTYPES[cfg.training.mixed_precision_param],
+        param_dtype, _ = precision.param_dtype(cfg.training.mixed_precision_param,
+                                               torch.device(meshes.data_parallel.device_type))
+        apply_fsdp(model, meshes.data_parallel, param_dtype,
                    DTYPES[cfg.training.mixed_precision_reduce], pipeline_parallel=dims.pp > 1)
     elif dims.ddp_only:
         apply_ddp(model, meshes.data_parallel)
@@ -212,8 +221,8 @@ def check_activation_floor(cfg: Config) -> None:
     import psutil
 
     t, p = cfg.training, cfg.parallelism
-    flavor = MODELS[cfg.model.name].flavors[cfg.model.flavor]
-    floor = t.batch_size * t.seq_len * flavor.dim * (flavor.n_layers + 1) * 2 / max(1, p.tp * p.cp)
+    shape = model_args_from_config(cfg)
+    floor = t.batch_size * t.seq_len * shape.dim * (shape.n_layers + 1) * 2 / max(1, p.tp * p.cp)
     if torch.cuda.is_available() and t.device != "cpu":
         available, where = torch.cuda.get_device_properties(0).total_memory, "GPU memory"
     else:
@@ -228,15 +237,6 @@ def check_activation_floor(cfg: Config) -> None:
 def write_run_config(cfg: Config, dump_folder: Path) -> None:
     dump_folder.mkdir(parents=True, exist_ok=True)
     (dump_folder / "config.toml").write_text(config_lib.to_toml(cfg))
-
-
-def compute_dtype(cfg: Config, dims: ParallelDims) -> torch.dtype:
-    """The dtype the model's matmuls run in: FSDP's parameter dtype, else the autocast dtype, else
-    the parameters' float32. MFU's peak is taken in it."""
-    if dims.fsdp_enabled:
-        return DTYPES[cfg.training.mixed_precision_param]
-    dtype = cfg.training.autocast_dtype
-    return DTYPES[dtype] if dtype != "none" else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,8 +303,10 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     reference = copy.deepcopy(model)  # unparallelized, on meta: the source of initial weights
     n_params = num_params(model)
     flops = flops_per_token(args, num_params(model, exclude_embedding=True), t.seq_len)
-    logger.info("model %s %s: %s parameters, %.3e training FLOPs per token",
-                cfg.model.name, cfg.model.flavor, f"{n_params:,}", flops)
+    changed = model_overrides(args, cfg)
+    logger.info("model %s %s%s: %s parameters, %.3e training FLOPs per token", cfg.model.name, cfg.model.flavor,
+                f" ({changed})" if changed else "", f"{n_params:,}", flops)
+    precision.log_choice(t.mixed_precision_param, device, dims.fsdp_enabled)
 
     accum = config_lib.accumulation_steps(cfg, dp_degree)
     plan = pipeline_plan(cfg, args, dims, meshes, reference) if dims.pp > 1 else None
@@ -355,7 +357,7 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         tb_folder=cfg.metrics.save_tb_folder, is_logging_rank=is_logging_rank,
         model_parallel_size=dims.model_parallel_size,
         reduce_fn=make_dist_reduce_fn(meshes.dp.get_group()) if meshes.dp is not None else None,
-        compute_dtype=compute_dtype(cfg, dims), attention_flops_per_token=flops_per_token(args, 0, t.seq_len),
+        compute_dtype=compute_dtype(cfg, device, dims), attention_flops_per_token=flops_per_token(args, 0, t.seq_len),
         dp_degree=dp_degree, total_steps=t.steps,
         sinks=optional_sinks(cfg, dump_folder, train_state) if is_logging_rank else ())
     metrics.tokens_seen = train_state.tokens_seen // dp_degree

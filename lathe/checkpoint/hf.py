@@ -31,7 +31,7 @@ def model_identity(args: ModelArgs) -> dict:
     """What a checkpoint must match to load into a model: its shapes and RoPE."""
     return {"vocab_size": args.vocab_size, "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
             "n_kv_heads": args.kv_heads, "ffn_hidden_dim": args.ffn_hidden_dim, "rope_theta": args.rope_theta,
-            "rope_scaling": args.rope_scaling}
+            "rope_scaling": args.rope_scaling, "norm_type": args.norm_type, "norm_eps": args.norm_eps}
 
 
 def load_lathe_weights(checkpoint: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
@@ -44,6 +44,7 @@ def load_lathe_weights(checkpoint: Path) -> tuple[ModelArgs, dict[str, torch.Ten
         raise ConfigError("checkpoint", f"damaged checkpoint: {e}", "convert an intact step-N folder") from None
     fields = {f.name for f in dataclasses.fields(ModelArgs)}
     args = ModelArgs(**{k: v for k, v in meta["model_args"].items() if k in fields})
+    args = args.with_(fused_qkv=False, fused_w13=False)  # checkpoints hold the unfused names
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device="cpu")

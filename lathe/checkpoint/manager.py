@@ -62,6 +62,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from lathe.checkpoint import integrity
+from lathe.checkpoint.fused import to_fused, to_unfused
 from lathe.checkpoint.integrity import DamagedCheckpoint, SafeFileSystemReader
 from lathe.config import Checkpoint as CheckpointConfig
 from lathe.errors import ConfigError
@@ -71,7 +72,9 @@ logger = logging.getLogger("lathe")
 FORMAT_VERSION = 2  # 2: manifest.json with checksums; version 1 checkpoints load without them
 READABLE_VERSIONS = (1, 2)
 # ModelArgs fields that do not change the parameters or their meaning: a checkpoint loads across them
-NOT_IDENTITY = frozenset({"max_seq_len", "depth_init"})
+# Model options a checkpoint may differ in: they change neither the saved tensors nor their meaning
+# (the FFN size is compared as ffn_hidden_dim; fused projections are saved under unfused names).
+NOT_IDENTITY = frozenset({"max_seq_len", "depth_init", "multiple_of", "ffn_dim_multiplier", "fused_qkv", "fused_w13"})
 COMMIT_TIMEOUT_S = 1800  # rank 0 waits this long for the other ranks' files of a background save
 STEP_DIR = re.compile(r"step-(\d+)")
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -241,6 +244,7 @@ class CheckpointManager:
         self.train_state = train_state
         from lathe.checkpoint.hf import model_identity  # noqa: PLC0415 (hf imports this module)
 
+        self.args = model_args
         self.model_args = dataclasses.asdict(model_args)
         self.identity = model_identity(model_args)
         self.pending: _BackgroundCommit | None = None  # an async save in flight
@@ -257,18 +261,19 @@ class CheckpointManager:
 
     # --- state -----------------------------------------------------------------------------
 
-    def _model_state(self) -> dict[str, torch.Tensor]:
+    def _model_state(self, unfused: bool = True) -> dict[str, torch.Tensor]:
+        """The model's state; under the unfused projection names unless ``unfused`` is False."""
         state = {}
         for part in self.model_parts:
             state.update(get_model_state_dict(part))
-        return state
+        return to_unfused(state, self.args) if unfused else state
 
-    def _optimizer_state(self) -> dict[str, Any]:
+    def _optimizer_state(self, unfused: bool = True) -> dict[str, Any]:
         state = {}
         options = StateDictOptions(flatten_optimizer_state_dict=True)
         for part, opt in zip(self.model_parts, self.optimizers.optimizers):
             state.update(get_optimizer_state_dict(part, opt, options=options))
-        return state
+        return to_unfused(state, self.args) if unfused else state
 
     def _sidecar(self, contents: list[str]) -> dict[str, Any]:
         return {
@@ -538,9 +543,11 @@ class CheckpointManager:
             raise
         except (Exception, CheckpointException) as e:  # a damaged or truncated shard file
             raise DamagedCheckpoint(path, f"cannot be loaded ({_one_line(e)})") from None
+        state["model"] = to_fused(state["model"], self.args, self._model_state(unfused=False))
         for part in self.model_parts:
             set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
         if not model_only:
+            state["optimizer"] = to_fused(state["optimizer"], self.args, self._optimizer_state(unfused=False))
             options = StateDictOptions(flatten_optimizer_state_dict=True)
             for part, opt in zip(self.model_parts, self.optimizers.optimizers):
                 set_optimizer_state_dict(part, opt, state["optimizer"], options=options)
@@ -556,9 +563,9 @@ class CheckpointManager:
 
     def _check_identity(self, path: Path, meta: dict[str, Any], allow_change: bool = False) -> None:
         """Every model option that changes the parameters or their meaning must match."""
-        saved = dict(meta.get("model_args") or {})
-        saved.update({k: v for k, v in (meta.get("model") or {}).items() if k not in saved})
-        current = {**self.identity, **self.model_args}
+        # The identity's resolved values (n_kv_heads of None is n_heads) win over the raw arguments.
+        saved = {**(meta.get("model_args") or {}), **(meta.get("model") or {})}
+        current = {**self.model_args, **self.identity}
         mismatched = {k: (saved[k], v) for k, v in current.items()
                       if k in saved and k not in NOT_IDENTITY and _canonical(saved[k]) != _canonical(v)}
         if not mismatched:

@@ -8,10 +8,15 @@ Choices made so that parallelism can be applied from outside (lathe/parallel/):
   passes its input through).
 - Attention reshapes with ``view(bs, seq, -1, head_dim)``: under tensor parallelism the local
   number of heads is inferred, so the same code runs on a shard of the heads.
-- RoPE is real-valued (cos/sin), in Meta's interleaved-pair convention. Complex tensors would work
-  too, but inductor cannot generate code for them. The tables are non-persistent buffers,
-  recomputed by ``init_weights`` (and therefore after ``to_empty`` from the meta device); the
-  state dict holds only learned weights.
+- RoPE is in Meta's interleaved-pair convention. The tables are stored as real cos/sin
+  (non-persistent buffers, recomputed by ``init_weights`` and therefore after ``to_empty`` from the
+  meta device; the state dict holds only learned weights); the rotation itself is one complex
+  multiplication (see ``apply_rope``).
+- Optional fused projections (``fused_qkv``, ``fused_w13``): one matmul for Q, K and V, one for w1
+  and w3. Their rows are grouped so that tensor parallelism's even split of the rows keeps whole
+  heads (and matching w1/w3 rows) on each rank. ``unfuse_state_dict``/``fuse_state_dict`` map them
+  to and from the unfused names: checkpoints, Hugging Face and torchtitan always see wq/wk/wv,
+  w1/w3, whichever layout trained.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class ModelArgs:
     max_seq_len: int = 2048
     depth_init: bool = True  # output projections' init std shrinks with the block's depth
     norm_type: str = "rmsnorm"
+    fused_qkv: bool = False  # one projection for Q, K and V (same weights and numerics, fewer kernels)
+    fused_w13: bool = False  # one projection for the FFN's w1 and w3
 
     @property
     def head_dim(self) -> int:
@@ -48,6 +55,11 @@ class ModelArgs:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (grouped-query attention)."""
+        return self.n_heads // self.kv_heads
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -66,7 +78,8 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 and cast back to the input dtype."""
+    """x / rms(x) * weight, via ``F.rms_norm``: PyTorch's fused kernel where it has one (CUDA),
+    otherwise its composite (which accumulates bf16/fp16 inputs in float32)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -74,9 +87,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -128,15 +139,16 @@ def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tu
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of each head by position-dependent angles.
 
-    x: (bs, seq, heads, head_dim); cos/sin: (seq, head_dim/2). Computed in float32.
+    x: (bs, seq, ..., head_dim), any number of head dimensions; cos/sin: (seq, head_dim/2).
+    Each pair is read as the complex number x[2i] + i x[2i+1] and multiplied by
+    cos + i sin: one kernel forward and one backward in float32 (bf16/fp16 inputs are
+    upcast first and the result cast back), instead of the ~10 a real-valued rotation takes in
+    eager mode. The pairs are viewed in place, so x needs a unit stride in its last dimension.
     """
     seq = x.shape[1]
-    cos = cos[:seq].view(1, seq, 1, -1)
-    sin = sin[:seq].view(1, seq, 1, -1)
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    rotation = torch.complex(cos[:seq], sin[:seq]).view(1, seq, *([1] * (x.dim() - 3)), -1)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,48 +156,106 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    """Causal self-attention with RoPE and grouped-query attention (GQA).
+
+    Unfused: ``wq``, ``wk``, ``wv``. Fused (``fused_qkv``): one ``wqkv`` whose rows come in
+    groups, one per key/value head: that group's ``n_rep`` query heads, then its key head, then its
+    value head. An even split of the rows over tensor-parallel ranks (ColwiseParallel) then hands
+    each rank whole groups, i.e. exactly the heads the unfused layout gives it.
+    """
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.head_dim = args.head_dim
-        self.n_rep = args.n_heads // args.kv_heads  # query heads per key/value head (GQA)
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.n_rep = args.n_rep
+        self.fused = args.fused_qkv
+        if self.fused:
+            self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.kv_heads) * args.head_dim, bias=False)
+        else:
+            self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+            self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+            self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bs, seq, _ = x.shape
-        # -1: the number of heads this module holds (all of them, or a tensor-parallel shard)
+        q, k, v = self.project(x, cos, sin)
+        return self.wo(self.attend(q, k, v).reshape(bs, seq, -1))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q (bs, seq, heads, head_dim) and k, v (bs, seq, kv_heads, head_dim), RoPE applied.
+
+        Head counts are inferred (-1): all of them, or a tensor-parallel shard."""
+        bs, seq, _ = x.shape
+        if self.fused:
+            groups = self.wqkv(x).view(bs, seq, -1, self.n_rep + 2, self.head_dim)
+            q = apply_rope(groups[:, :, :, : self.n_rep], cos, sin).flatten(2, 3)
+            k = apply_rope(groups[:, :, :, self.n_rep], cos, sin)
+            return q, k, groups[:, :, :, self.n_rep + 1]
         q = self.wq(x).view(bs, seq, -1, self.head_dim)
         k = self.wk(x).view(bs, seq, -1, self.head_dim)
         v = self.wv(x).view(bs, seq, -1, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.n_rep > 1:  # share each key/value head among n_rep query heads
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal scaled-dot-product attention: (bs, seq, heads, head_dim) in and out.
+
+        With GQA, each key/value head serves ``n_rep`` consecutive query heads. On CPU the SDPA
+        kernel reads the shared heads itself (``enable_gqa``); elsewhere they are repeated first,
+        which every backend supports."""
+        if self.n_rep > 1 and q.device.type != "cpu":
             k = k.repeat_interleave(self.n_rep, dim=2)
             v = v.repeat_interleave(self.n_rep, dim=2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True)
-        return self.wo(out.transpose(1, 2).reshape(bs, seq, -1))
+                                             is_causal=True, enable_gqa=self.n_rep > 1)
+        return out.transpose(1, 2)
 
+    @torch.no_grad()
     def init_weights(self, out_std: float) -> None:
-        for lin in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(lin.weight, mean=0.0, std=0.02)
+        if self.fused:  # the same random draws, in the same order, as the unfused layout
+            wq, wk, wv = (nn.init.trunc_normal_(torch.empty_like(w), mean=0.0, std=0.02)
+                          for w in split_qkv(self.wqkv.weight, self.n_rep, self.head_dim))
+            self.wqkv.weight.copy_(join_qkv(wq, wk, wv, self.n_rep, self.head_dim))
+        else:
+            for lin in (self.wq, self.wk, self.wv):
+                nn.init.trunc_normal_(lin.weight, mean=0.0, std=0.02)
         nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=out_std)
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x).
 
-    def __init__(self, dim: int, hidden_dim: int):
+    Fused (``fused_w13``): one ``w13`` whose rows alternate blocks of ``W13_BLOCK`` rows of w1 and
+    of w3, so an even split of the rows over tensor-parallel ranks keeps each w1 row with its w3
+    row (``w13_block`` picks a smaller block when the hidden size needs it).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, fused: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.fused = fused
+        self.block = w13_block(hidden_dim)
+        if fused:
+            self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        else:
+            self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+            self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            h = self.w13(x).unflatten(-1, (-1, 2, self.block))  # (..., blocks, w1|w3, block)
+            return self.w2((F.silu(h[..., 0, :]) * h[..., 1, :]).flatten(-2))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    @torch.no_grad()
     def init_weights(self, out_std: float) -> None:
+        if self.fused:  # the same random draws, in the same order, as the unfused layout
+            w1, w3 = (torch.empty_like(w) for w in split_w13(self.w13.weight, self.block))
+            nn.init.trunc_normal_(w1, mean=0.0, std=0.02)
+            nn.init.trunc_normal_(self.w2.weight, mean=0.0, std=out_std)
+            nn.init.trunc_normal_(w3, mean=0.0, std=out_std)
+            self.w13.weight.copy_(join_w13(w1, w3, self.block))
+            return
         nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
         nn.init.trunc_normal_(self.w2.weight, mean=0.0, std=out_std)
         nn.init.trunc_normal_(self.w3.weight, mean=0.0, std=out_std)
@@ -197,7 +267,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, fused=args.fused_w13)
         self.attention_norm = build_norm(args.norm_type, args.dim, args.norm_eps)
         self.ffn_norm = build_norm(args.norm_type, args.dim, args.norm_eps)
         depth = layer_id + 1 if args.depth_init else args.n_layers
@@ -262,6 +332,107 @@ class Transformer(nn.Module):
         if self.output is not None:
             std = self.args.dim ** -0.5
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused projections: their row layout, and the mapping to and from the unfused names
+
+W13_BLOCK = 32  # rows of w1, then of w3, alternating in the fused w13
+
+
+def w13_block(hidden_dim: int) -> int:
+    """The w1/w3 block size of the fused w13: ``W13_BLOCK``, or the largest power of two below it
+    that divides the hidden size."""
+    return math.gcd(hidden_dim, W13_BLOCK)
+
+
+def split_qkv(w: torch.Tensor, n_rep: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused wqkv (or any tensor of its shape, e.g. an optimizer moment) -> wq, wk, wv."""
+    groups = w.view(-1, n_rep + 2, head_dim, w.shape[-1])
+    return (groups[:, :n_rep].reshape(-1, w.shape[-1]), groups[:, n_rep].reshape(-1, w.shape[-1]),
+            groups[:, n_rep + 1].reshape(-1, w.shape[-1]))
+
+
+def join_qkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
+    cols = wq.shape[-1]
+    kv = wk.shape[0] // head_dim
+    return torch.cat((wq.reshape(kv, n_rep, head_dim, cols), wk.reshape(kv, 1, head_dim, cols),
+                      wv.reshape(kv, 1, head_dim, cols)), dim=1).reshape(-1, cols)
+
+
+def split_w13(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused w13 (or any tensor of its shape) -> w1, w3."""
+    blocks = w.view(-1, 2, block, w.shape[-1])
+    return blocks[:, 0].reshape(-1, w.shape[-1]), blocks[:, 1].reshape(-1, w.shape[-1])
+
+
+def join_w13(w1: torch.Tensor, w3: torch.Tensor, block: int) -> torch.Tensor:
+    cols = w1.shape[-1]
+    return torch.stack((w1.reshape(-1, block, cols), w3.reshape(-1, block, cols)), dim=1).reshape(-1, cols)
+
+
+# fused name -> its unfused names, as they appear inside a block's state dict keys
+FUSED_NAMES = {
+    "attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+}
+
+
+def _split(fused_name: str, t: torch.Tensor, args: ModelArgs) -> tuple[torch.Tensor, ...]:
+    if fused_name.startswith("attention"):
+        return split_qkv(t, args.n_rep, args.head_dim)
+    return split_w13(t, w13_block(args.ffn_hidden_dim))
+
+
+def _join(fused_name: str, parts: list[torch.Tensor], args: ModelArgs) -> torch.Tensor:
+    if fused_name.startswith("attention"):
+        return join_qkv(*parts, args.n_rep, args.head_dim)
+    return join_w13(*parts, w13_block(args.ffn_hidden_dim))
+
+
+def unfuse_state_dict(state: dict, args: ModelArgs, split=None) -> dict:
+    """The same state with every fused tensor replaced by its unfused pieces, under their names.
+
+    Works on model state dicts and on flattened optimizer state dicts alike: a key such as
+    ``state.layers.0.attention.wqkv.weight.exp_avg`` becomes ``...wq.weight.exp_avg`` and so on.
+    Values that are not a tensor of the fused shape (a step count, a learning rate) are copied to
+    each unfused name. ``split(fused_name, tensor, args)`` replaces the plain-tensor split (the
+    checkpoint code passes one that handles DTensors)."""
+    split = split or _split
+    out = {}
+    for key, value in state.items():
+        fused = next((f for f in FUSED_NAMES if f".{f}" in f".{key}"), None)
+        if fused is None:
+            out[key] = value
+            continue
+        names = FUSED_NAMES[fused]
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            pieces = split(fused, value, args)
+        else:
+            pieces = [value] * len(names)
+        for name, piece in zip(names, pieces):
+            out[key.replace(fused, name)] = piece
+    return out
+
+
+def fuse_state_dict(state: dict, args: ModelArgs, join=None) -> dict:
+    """The inverse of ``unfuse_state_dict`` for a model built with ``args``' fused flags: the
+    unfused pieces of each fused tensor are joined under the fused name. ``join(fused_name,
+    pieces, args)`` replaces the plain-tensor join."""
+    join = join or _join
+    wanted = [f for f in FUSED_NAMES if (args.fused_qkv if f.startswith("attention") else args.fused_w13)]
+    out = dict(state)
+    for fused in wanted:
+        first = FUSED_NAMES[fused][0]
+        for key in [k for k in state if f".{first}" in f".{k}"]:
+            keys = [key.replace(first, name) for name in FUSED_NAMES[fused]]
+            if not all(k in out for k in keys):
+                continue
+            pieces = [out.pop(k) for k in keys]
+            value = join(fused, pieces, args) if isinstance(pieces[0], torch.Tensor) and pieces[0].dim() == 2 \
+                else pieces[0]
+            out[key.replace(first, fused)] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 TP splits each matmul's weight across the tp ranks: attention heads and FFN hidden units are
 divided, so each rank holds 1/tp of every block. Column-wise linears (wq, wk, wv, w1, w3) split
 output features; the row-wise ones after them (wo, w2) split input features and produce partial
-sums that must be reduced.
+sums that must be reduced. The fused projections (wqkv, w13) are column-wise too: their rows are
+laid out in groups (lathe/models/llama.py) so that the even split keeps whole heads, and each
+w1 row with its w3 row, on one rank.
 
 SP: between those regions, activations are sharded along the sequence (dim 1) instead of being
 replicated: the norms run on a sequence shard, the row-wise outputs are reduce-scattered instead
@@ -47,25 +49,32 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool) -> None:
         )
     parallelize_module(model, mesh, top_plan)
 
-    block_plan = {
-        "attention_norm": SequenceParallel(),
-        # (hidden, rope_cos, rope_sin): gather the sequence shards; leave the RoPE tables alone
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                        desired_input_layouts=(Replicate(), None, None)),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-        "ffn_norm": SequenceParallel(),
-        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        "feed_forward.w3": ColwiseParallel(),
-    }
     for block in model.layers.values():
+        block_plan = {
+            "attention_norm": SequenceParallel(),
+            # (hidden, rope_cos, rope_sin): gather the sequence shards; leave the RoPE tables alone
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        }
+        in_projections = [name for name in ("attention.wqkv", "attention.wq", "attention.wk", "attention.wv",
+                                            "feed_forward.w13", "feed_forward.w1", "feed_forward.w3")
+                          if _has_submodule(block, name)]
+        block_plan.update({name: ColwiseParallel() for name in in_projections})
         parallelize_module(block, mesh, block_plan)
     logger.info("applied tensor parallel over %d ranks (sequence parallel, loss parallel %s)",
                 mesh.size(), "on" if loss_parallel else "off")
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def check_tp_divisibility(n_heads: int, n_kv_heads: int, seq_len: int, tp: int) -> str | None:

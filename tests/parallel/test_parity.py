@@ -24,6 +24,8 @@ import pytest
 import torch
 
 from lathe.config import load_config
+from lathe.models import MODELS
+from lathe.models.llama import unfuse_state_dict
 from lathe.parallel import clean_name
 from lathe.trainer import train
 
@@ -64,6 +66,8 @@ def launch(nproc: int, overrides: list[str], folder: Path, batch: int = LOCAL_BA
     return load_result(folder)
 
 
+FUSED = ["--model.fused_qkv", "--model.fused_w13"]
+
 # (id, processes, data-parallel degree, overrides). AC and compile variants are spread over the
 # matrix; compile uses aot_eager except one inductor case (inductor compiles cost ~10 s each).
 LAYOUTS = [
@@ -87,6 +91,11 @@ LAYOUTS = [
                                        "--activation_checkpoint.mode", "selective",
                                        "--activation_checkpoint.selective_ac_option", "op"]),
     ("fsdp2_accumulate2", 2, 2, ["--parallelism.dp_shard", "2", "--training.gradient_accumulation_steps", "2"]),
+    # fused QKV and w1/w3 (compared with the unfused reference, mapped to its names)
+    ("tp2_fused", 2, 1, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1", *FUSED]),
+    ("fsdp2xtp2_fused_ac_op", 4, 2, ["--parallelism.dp_shard", "2", "--parallelism.tp", "2", *FUSED,
+                                     "--activation_checkpoint.mode", "selective",
+                                     "--activation_checkpoint.selective_ac_option", "op"]),
 ]
 
 # Pipeline parallel: every schedule of torch.distributed.pipelining, on 2 ranks. Single-stage
@@ -127,6 +136,9 @@ def test_layout_matches_single_process(name, nproc, dp, overrides, tmp_path_fact
     # validation on the trained model: the same held-out batches, split over this layout's DP ranks
     if "--no-validation.enabled" not in overrides:
         assert got["val_losses"][STEPS] == pytest.approx(ref_val, rel=1e-5)
+    if "--model.fused_qkv" in overrides:  # same weights under the unfused names
+        got["params"] = unfuse_state_dict(got["params"], MODELS["llama3"].flavors["tiny"].with_(
+            fused_qkv=True, fused_w13=True))
     assert got["params"].keys() == ref_params.keys()
     for key, value in got["params"].items():
         torch.testing.assert_close(value, ref_params[key], atol=1e-4, rtol=0, msg=lambda m: f"{key}: {m}")

@@ -72,7 +72,7 @@ def test_lists_dtypes_enums_and_negative_numbers():
     assert cfg.training.mixed_precision_param == "float32"
     assert cfg.optimizer.name == "Adam"  # enum values are matched case-insensitively
     assert cfg.parallelism.dp_shard == -1
-    with pytest.raises(ConfigError, match="must be one of float32, bfloat16"):
+    with pytest.raises(ConfigError, match="must be one of auto, float32, bfloat16"):
         load_config(["--training.mixed_precision_param", "int8"])
 
 
