@@ -13,7 +13,7 @@ def test_interleaved_1f1b_through_torchrun_reports_the_bubble(tmp_path):
            "--training.steps", "3", "--training.seq_len", "64", "--training.batch_size", "4",
            "--metrics.log_freq", "1", "--job.dump_folder", str(tmp_path)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "LOG_RANK": "0,1"}, cwd=tmp_path)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-5000:]
     assert "pipeline: ScheduleInterleaved1F1B, 4 stages" in out
