@@ -105,7 +105,7 @@ def _document_stream(cfg, split: str, infinite: bool) -> DocumentStream:
 def build_train_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) -> DataLoader:
     """This rank's training batches: an iterator of ``(inputs, labels)`` LongTensors of shape
     ``(training.batch_size, training.seq_len)`` (plus ``(document_ids, positions)`` with
-    ``training.document_ids``), with ``state_dict()``/``load_state_dict()`` (exact, on any
+    ``training.document_ids`` or block-causal attention), with ``state_dict()``/``load_state_dict()`` (exact, on any
     dp_degree) and ``close()``. Problems with the data raise ConfigError here, before training."""
     t = cfg.training
     check_data_config(cfg)
@@ -115,8 +115,13 @@ def build_train_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) ->
     logger.info("data: %s, seq_len %d, batch %d per rank x %d ranks, shuffle buffer %d, %d worker thread(s)",
                 names, t.seq_len, t.batch_size, dp_degree, t.shuffle_buffer, t.data_workers)
     stream = PackedStream(docs, tokenizer, t.seq_len, t.batch_size, dp_rank=dp_rank, dp_degree=dp_degree,
-                          document_ids=t.document_ids)
+                          document_ids=wants_document_ids(cfg))
     return DataLoader(stream, workers=t.data_workers)
+
+
+def wants_document_ids(cfg) -> bool:
+    """Whether batches carry document ids: asked for, or needed by block-causal attention."""
+    return cfg.training.document_ids or cfg.model.attention_mask == "block_causal"
 
 
 def build_validation_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) -> Callable[[], PackedStream]:
@@ -130,6 +135,7 @@ def build_validation_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: in
 
     def fresh() -> PackedStream:
         d = DocumentStream(sources, weights, seed=t.seed, shuffle_buffer=0, infinite=False)
-        return PackedStream(d, tokenizer, t.seq_len, batch_size, dp_rank=dp_rank, dp_degree=dp_degree)
+        return PackedStream(d, tokenizer, t.seq_len, batch_size, dp_rank=dp_rank, dp_degree=dp_degree,
+                            document_ids=wants_document_ids(cfg))
 
     return fresh

@@ -12,6 +12,9 @@ Choices made so that parallelism can be applied from outside (lathe/parallel/):
   too, but inductor cannot generate code for them. The tables are non-persistent buffers,
   recomputed by ``init_weights`` (and therefore after ``to_empty`` from the meta device); the
   state dict holds only learned weights.
+- The attention kernel and the causal / block-causal (per-document) masks live in
+  ``lathe.models.attention``; ``forward`` takes optional per-token ``positions`` and
+  ``document_ids``, which context parallel and document masking pass from outside.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lathe.models.attention import attention, document_mask
 
 
 @dataclass(frozen=True)
@@ -128,11 +133,14 @@ def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tu
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of each head by position-dependent angles.
 
-    x: (bs, seq, heads, head_dim); cos/sin: (seq, head_dim/2). Computed in float32.
+    x: (bs, seq, heads, head_dim); cos/sin: the tables (max_seq_len, head_dim/2), or the rows of
+    each token's position (bs, seq, head_dim/2). Computed in float32.
     """
     seq = x.shape[1]
-    cos = cos[:seq].view(1, seq, 1, -1)
-    sin = sin[:seq].view(1, seq, 1, -1)
+    if cos.dim() == 2:  # the whole table: positions 0..seq-1
+        cos, sin = cos[:seq], sin[:seq]
+    cos = cos.reshape(-1, seq, 1, cos.shape[-1])  # (1 or bs, seq, 1, head_dim/2)
+    sin = sin.reshape(-1, seq, 1, sin.shape[-1])
     pairs = x.float().unflatten(-1, (-1, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
@@ -153,7 +161,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         bs, seq, _ = x.shape
         # -1: the number of heads this module holds (all of them, or a tensor-parallel shard)
         q = self.wq(x).view(bs, seq, -1, self.head_dim)
@@ -163,8 +171,7 @@ class Attention(nn.Module):
         if self.n_rep > 1:  # share each key/value head among n_rep query heads
             k = k.repeat_interleave(self.n_rep, dim=2)
             v = v.repeat_interleave(self.n_rep, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(bs, seq, -1))
 
     def init_weights(self, out_std: float) -> None:
@@ -203,8 +210,8 @@ class TransformerBlock(nn.Module):
         depth = layer_id + 1 if args.depth_init else args.n_layers
         self.out_init_std = 0.02 / math.sqrt(2 * depth)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self) -> None:
@@ -228,15 +235,22 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (bs, seq) int64 -> logits (bs, seq, vocab) float32.
 
         A pipeline stage without embeddings receives hidden states instead of tokens, and one
-        without the output layer returns hidden states.
+        without the output layer returns hidden states. ``positions`` (bs, seq): each token's RoPE
+        position (default 0..seq-1). ``document_ids`` (bs, seq): attend only within each document
+        (block-causal, see ``lathe.models.attention``); default causal over the whole row.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        cos, sin = self.rope_cos, self.rope_sin
+        if positions is not None:
+            cos, sin = cos[positions], sin[positions]
+        mask = document_mask(document_ids) if document_ids is not None else None
         for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
+            h = layer(h, cos, sin, mask)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h).float() if self.output is not None else h

@@ -49,9 +49,9 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool) -> None:
 
     block_plan = {
         "attention_norm": SequenceParallel(),
-        # (hidden, rope_cos, rope_sin): gather the sequence shards; leave the RoPE tables alone
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                        desired_input_layouts=(Replicate(), None, None)),
+        # (hidden, rope_cos, rope_sin, mask): gather the sequence shards; leave the rest alone
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                        desired_input_layouts=(Replicate(), None, None, None)),
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
