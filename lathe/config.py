@@ -716,7 +716,7 @@ def _check_attention(cfg: Config) -> None:
     chunks = 2 * p.cp if p.cp_load_balance else p.cp
     _require(t.seq_len % chunks == 0, "training.seq_len", t.seq_len,
              f"not divisible by {'2 x ' if p.cp_load_balance else ''}parallelism.cp = {chunks}" +
-             (" (load balancing gives each rank a head and a tail chunk)" if p.cp_load_balance else ""),
+             (": load balancing gives each rank a head and a tail chunk" if p.cp_load_balance else ""),
              f"use a multiple of {chunks}" + (" or --no-parallelism.cp_load_balance" if p.cp_load_balance else ""))
 
 

@@ -43,8 +43,11 @@ def document_mask(document_ids: torch.Tensor):
     """What ``attention`` needs for a block-causal forward over ``document_ids`` (bs, seq): on CUDA
     a FlexAttention ``BlockMask`` (built once per forward, shared by every block); elsewhere the
     ids themselves."""
-    if document_ids.device.type != "cuda":
-        return document_ids
+    return block_mask(document_ids) if document_ids.device.type == "cuda" else document_ids
+
+
+def block_mask(document_ids: torch.Tensor, compile: bool = True):
+    """The FlexAttention ``BlockMask`` of block-causal attention over ``document_ids`` (bs, seq)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     ids = document_ids
@@ -53,7 +56,8 @@ def document_mask(document_ids: torch.Tensor):
         return (q_idx >= kv_idx) & (ids[b, q_idx] == ids[b, kv_idx])
 
     bs, seq = ids.shape
-    return _compiled(create_block_mask)(block_causal, bs, None, seq, seq, device=ids.device)
+    create = _compiled(create_block_mask) if compile else create_block_mask
+    return create(block_causal, bs, None, seq, seq, device=ids.device)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
