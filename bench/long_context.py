@@ -127,13 +127,15 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         n = iter(range(1000))
         if "seq" in sweeps:
-            results["seq"] = [run(args, Path(tmp, f"r{next(n)}"), s, args.cp) for s in map(int, args.seq_lens.split(","))]
+            results["seq"] = [run(args, Path(tmp, f"r{next(n)}"), s, args.cp)
+                              for s in map(int, args.seq_lens.split(","))]
             show(f"sequence grows, CP {args.cp} ({args.flavor}, batch 1, {args.device})", results["seq"],
                  lambda r: f"seq {r['seq_len']:,}")
         if "cp" in sweeps:
-            results["cp"] = [run(args, Path(tmp, f"r{next(n)}"), args.per_rank * c, c) for c in map(int, args.cps.split(","))]
-            show(f"CP grows, {args.per_rank:,} tokens per rank ({args.flavor}, batch 1, {args.device})", results["cp"],
-                 lambda r: f"cp {r['cp']} (seq {r['seq_len']:,})")
+            results["cp"] = [run(args, Path(tmp, f"r{next(n)}"), args.per_rank * c, c)
+                             for c in map(int, args.cps.split(","))]
+            show(f"CP grows, {args.per_rank:,} tokens per rank ({args.flavor}, batch 1, {args.device})",
+                 results["cp"], lambda r: f"cp {r['cp']} (seq {r['seq_len']:,})")
         if "mask" in sweeps:
             results["mask"] = [dict(run(args, Path(tmp, f"r{next(n)}"), args.mask_seq_len, 1,
                                         ["--model.attention_mask", m]), mask=m) for m in ("causal", "block_causal")]

@@ -38,7 +38,8 @@ class Validator:
         dp_rank, dp_degree: this rank's place among the data-parallel ranks; each reads its share
             of every validation batch, exactly as for training.
         device: where the model runs.
-        dp_group: the data-parallel process group the loss is summed over (None: one process).
+        dp_group: the process group the loss is summed over: data-parallel ranks, with context
+            parallel also the CP ranks, which hold different tokens (None: one process).
 
     The validation data is opened and checked here (ConfigError if it is missing or too small),
     so a misconfigured run fails before its first training step.

@@ -34,7 +34,8 @@ CP2 = ["--parallelism.cp", "2"]
 # op, compile (aot_eager). Plain CP x 2 is in the resume test below.
 LAYOUTS = [
     ("cp4_alltoall_ac_full", 4, 1, ["--parallelism.cp", "4", "--parallelism.dp_shard", "1",
-                                    "--parallelism.cp_rotate_method", "alltoall", "--activation_checkpoint.mode", "full"]),
+                                    "--parallelism.cp_rotate_method", "alltoall",
+                                    "--activation_checkpoint.mode", "full"]),
     ("cp2xfsdp2_ac_op", 4, 2, [*CP2, "--parallelism.dp_shard", "2", "--activation_checkpoint.mode", "selective",
                                "--activation_checkpoint.selective_ac_option", "op"]),
     ("cp2xtp2_no_balance_compile", 4, 1, [*CP2, "--parallelism.tp", "2", "--parallelism.dp_shard", "1",
