@@ -4,6 +4,7 @@
     python bench/long_context.py --sweeps seq --seq-lens 1024,2048,4096,8192 --cp 2
     python bench/long_context.py --sweeps cp --per-rank 2048 --cps 1,2,4
     python bench/long_context.py --sweeps mask --mask-seq-len 4096
+    python bench/long_context.py --sweeps kernel          # the attention call alone, in this process
     python bench/long_context.py --device cuda ...    # on a GPU machine (NCCL, one GPU per rank)
 
 Each point is a real ``lathe train`` run of the llama3 ``debugmodel`` (batch 1 per data-parallel
@@ -16,6 +17,10 @@ dropped. Sweeps:
   grows with the number of ranks, the work per rank stays comparable;
 - ``mask``: one process, ``causal`` vs ``block_causal`` (``--mask-seq-len``), on the embedded
   corpus' real document boundaries.
+- ``kernel``: the attention call alone (forward + backward, in this process, all threads): causal
+  SDPA vs the block-causal kernels of ``lathe.models.attention`` (per-document SDPA; the dense mask
+  used under compile; FlexAttention on CUDA), 2 x 8 heads x ``--mask-seq-len`` x 64, 7 documents
+  per row at random boundaries.
 
 Numbers, per point, from what lathe records itself:
 
@@ -51,8 +56,10 @@ if str(ROOT) not in sys.path:  # works from a checkout without `pip install -e .
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="tokens/s and memory per rank with context parallel and document masking",
                                 allow_abbrev=False)
-    p.add_argument("--sweeps", default="seq,cp,mask", help="which sweeps: seq, cp, mask (comma-separated)")
-    p.add_argument("--flavor", default="debugmodel", help="llama3 flavor (default debugmodel)")
+    p.add_argument("--sweeps", default="seq,cp,mask,kernel", help="which sweeps: seq, cp, mask, kernel")
+    p.add_argument("--model", default="llama3", help="model family (default llama3)")
+    p.add_argument("--flavor", default="debugmodel", help="flavor (default debugmodel)")
+    p.add_argument("--param-dtype", default="float32", help="FSDP parameter dtype (default float32)")
     p.add_argument("--seq-lens", default="1024,2048,4096", help="seq sweep: global sequence lengths")
     p.add_argument("--cp", type=int, default=2, help="seq sweep: CP degree (default 2)")
     p.add_argument("--per-rank", type=int, default=1024, help="cp sweep: tokens per rank (default 1024)")
@@ -86,9 +93,9 @@ def worker(lathe_args: list[str]) -> None:
 
 
 def run(args, folder: Path, seq_len: int, cp: int, extra: list[str] = ()) -> dict:
-    lathe_args = ["--model.flavor", args.flavor, "--training.seq_len", str(seq_len), "--training.batch_size", "1",
+    lathe_args = ["--model.name", args.model, "--model.flavor", args.flavor, "--training.seq_len", str(seq_len), "--training.batch_size", "1",
                   "--training.steps", str(args.steps), "--metrics.log_freq", "1", "--lr_scheduler.warmup_steps", "1",
-                  "--training.device", args.device, "--training.mixed_precision_param", "float32",
+                  "--training.device", args.device, "--training.mixed_precision_param", args.param_dtype,
                   "--job.dump_folder", str(folder), *extra]
     if cp > 1:
         lathe_args += ["--parallelism.cp", str(cp), "--parallelism.cp_rotate_method", args.rotate]
@@ -107,6 +114,49 @@ def run(args, folder: Path, seq_len: int, cp: int, extra: list[str] = ()) -> dic
     return {"seq_len": seq_len, "cp": cp, "step_time_s": step_time, "tokens_per_s": seq_len / step_time,
             "tokens_per_s_per_rank": seq_len / step_time / cp, "memory_gib": max(peaks) / 2**30,
             "loss_last": records[-1].get("loss")}
+
+
+def kernel_sweep(args) -> list[dict]:
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from lathe.models.attention import attention, block_mask, dense_block_causal, per_document_attention
+
+    device = torch.device(args.device)
+    bs, heads, seq, dim = 2, 8, args.mask_seq_len, 64
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(bs, heads, seq, dim, device=device, requires_grad=True) for _ in range(3))
+    ids = torch.zeros(bs, seq, dtype=torch.long, device=device)
+    for b in range(bs):
+        for cut in torch.randint(1, seq, (6,)).tolist():
+            ids[b, cut:] += 1
+    kernels = {"causal SDPA": lambda: attention(q, k, v),
+               "block-causal, per-document SDPA": lambda: per_document_attention(q, k, v, ids),
+               "block-causal, dense-mask SDPA": lambda: F.scaled_dot_product_attention(
+                   q, k, v, attn_mask=dense_block_causal(ids))}
+    if device.type == "cuda":
+        mask = block_mask(ids)
+        kernels["block-causal, FlexAttention"] = lambda: attention(q, k, v, mask)
+    rows = []
+    for name, fn in kernels.items():
+        times = []
+        for i in range(5):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn().sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:  # warm-up (compilation on CUDA)
+                times.append(time.perf_counter() - start)
+        rows.append({"kernel": name, "fwd_bwd_s": statistics.median(times)})
+    print(f"\nattention call alone, fwd + bwd, {bs} x {heads} heads x {seq:,} x {dim}, 7 documents per row "
+          f"({args.device}, {torch.get_num_threads()} threads)")
+    for r in rows:
+        print(f"  {r['kernel']:<34} {r['fwd_bwd_s']:8.3f} s")
+    return rows
 
 
 def show(title: str, rows: list[dict], label) -> None:
@@ -141,6 +191,8 @@ def main(argv=None) -> None:
                                         ["--model.attention_mask", m]), mask=m) for m in ("causal", "block_causal")]
             show(f"attention mask, one process, seq {args.mask_seq_len:,} ({args.flavor}, batch 1, {args.device})",
                  results["mask"], lambda r: r["mask"])
+    if "kernel" in sweeps:
+        results["kernel"] = kernel_sweep(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

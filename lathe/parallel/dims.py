@@ -19,9 +19,8 @@ that holds different tokens).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
