@@ -109,6 +109,7 @@ def test_dense_mask_under_compile_equals_per_document_segments():
     torch.testing.assert_close(direct, ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_block_mask_equals_per_document_segments():
     from torch.nn.attention.flex_attention import flex_attention
 
