@@ -76,6 +76,11 @@ class Model:
     depth_init: bool = opt(True, "output projections' init std shrinks with the block's depth (every flavor)")
     fused_qkv: bool = opt(False, "one matmul for Q, K and V; checkpoints keep the unfused names")
     fused_w13: bool = opt(False, "one matmul for the FFN's w1 and w3; checkpoints keep the unfused names")
+    attention_mask: str = opt("causal", "causal = a token sees every earlier token of its window; block_causal = "
+                              "only earlier tokens of its own document (packed documents never see each other)",
+                              ("causal", "block_causal"))
+    document_positions: bool = opt(False, "with block_causal: RoPE positions restart at 0 where each document "
+                                   "starts in the window")
 
 
 @dataclass
@@ -114,7 +119,8 @@ class Training:
     shuffle_buffer: int = opt(0, "shuffle documents within a buffer of this many; 0 = file order")
     data_workers: int = opt(1, "background threads tokenizing and packing ahead; 0 = inline")
     split_tokenization: bool = opt(True, "processes share tokenizing text on the fly, each 1/N (same batches)")
-    document_ids: bool = opt(False, "also emit per-token document ids and positions")
+    document_ids: bool = opt(False, "also emit per-token document ids and positions (always on with "
+                             "model.attention_mask block_causal)")
     batch_size: int = opt(8, "sequences per micro-batch per data-parallel rank")
     seq_len: int = opt(256, "tokens per sequence")
     steps: int = opt(300, "optimizer steps to train")
@@ -164,7 +170,12 @@ class Parallelism:
     dp_shard: int = opt(-1, "FSDP shard degree; -1 = all ranks left after the other degrees")
     tp: int = opt(1, "tensor-parallel degree")
     pp: int = opt(1, "pipeline-parallel degree")
-    cp: int = opt(1, "context-parallel degree")
+    cp: int = opt(1, "context-parallel degree: shard each sequence over this many ranks (ring attention)")
+    cp_rotate_method: str = opt("allgather", "how context-parallel attention passes keys/values around the ring: "
+                                "allgather (gather all shards once) or alltoall (one shard per ring step)",
+                                ("allgather", "alltoall"))
+    cp_load_balance: bool = opt(True, "with cp > 1: give each rank a head and a tail chunk of the sequence, so "
+                                "causal attention costs every rank the same (seq_len must divide by 2 x cp)")
     loss_parallel: bool = opt(True, "with tp > 1, compute the loss on vocab-sharded logits")
     pp_split_points: list = opt([], "module names that start each pipeline stage, e.g. layers.4")
     pp_schedule: str = opt("1f1b", "pipeline schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, "
@@ -300,6 +311,7 @@ ALIASES: dict[str, str] = {
     "experimental.pipeline_parallel_schedule": "parallelism.pp_schedule",
     "experimental.pipeline_parallel_microbatches": "parallelism.pp_microbatches",
     "experimental.context_parallel_degree": "parallelism.cp",
+    "experimental.context_parallel_rotate_method": "parallelism.cp_rotate_method",
 }
 
 # Options whose feature is not built yet: a non-default value is refused, never ignored.
@@ -691,10 +703,10 @@ def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> 
 
     margs = model_args_from_config(cfg)  # the flavor with the model.* shape overrides; checks them
     if p.pp > 1:
-        _check_pipeline(cfg, margs.n_layers, dp_shard)
-    _require(p.cp == 1, "parallelism.cp", p.cp, "not supported yet (context parallelism is being built)", "use 1")
+        _check_pipeline(cfg, margs.n_layers, dp_shard * p.cp)
+    _check_attention(cfg)
     if p.tp > 1:
-        _require(p.dp_replicate == 1 or dp_shard > 1, "parallelism.dp_replicate", p.dp_replicate,
+        _require(p.dp_replicate == 1 or dp_shard * p.cp > 1, "parallelism.dp_replicate", p.dp_replicate,
                  "DDP (replicate without shard) does not compose with tensor parallel",
                  "use HSDP: set parallelism.dp_shard > 1 too, or put those ranks in dp_shard")
         for what, n in (("attention heads", margs.n_heads), ("key/value heads", margs.kv_heads)):
@@ -707,8 +719,9 @@ def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> 
             _require(blocks % p.tp == 0, "model.fused_w13", True,
                      f"the fused w1/w3 rows come in {blocks} blocks, which tp={p.tp} ranks cannot split evenly",
                      "use --no-model.fused_w13 with this tp, or a tp that divides it")
-        _require(t.seq_len % p.tp == 0, "training.seq_len", t.seq_len,
-                 f"not divisible by parallelism.tp={p.tp} (sequence parallel splits it)", "use a multiple of tp")
+        _require(t.seq_len % (p.tp * p.cp) == 0, "training.seq_len", t.seq_len,
+                 f"not divisible by parallelism.tp={p.tp}" + (f" x cp={p.cp}" if p.cp > 1 else "") +
+                 " (sequence parallel splits each rank's part of the sequence)", f"use a multiple of {p.tp * p.cp}")
     _check_policies_and_sinks(cfg)
     ck = cfg.checkpoint
     _require(ck.interval >= 1, "checkpoint.interval", ck.interval, "must be >= 1", "e.g. 500")
@@ -758,6 +771,24 @@ def _check_policies_and_sinks(cfg: Config) -> None:
             _require(cfg.checkpoint.enable_checkpoint, key, policy, "needs checkpoints to roll back to",
                      "add --checkpoint.enable_checkpoint (and a checkpoint.interval), or use skip")
     parse_batch_ranges(t.skip_batches)
+
+
+def _check_attention(cfg: Config) -> None:
+    """Document masking and context parallel: the combinations lathe can run."""
+    m, t, p = cfg.model, cfg.training, cfg.parallelism
+    _require(not m.document_positions or m.attention_mask == "block_causal", "model.document_positions", True,
+             "restarts positions per document, which only makes sense when documents cannot see each other",
+             "set model.attention_mask block_causal, or --no-model.document_positions")
+    if p.cp == 1:
+        return
+    _require(m.attention_mask == "causal", "model.attention_mask", m.attention_mask,
+             f"not supported with parallelism.cp={p.cp}: context-parallel ring attention computes plain causal "
+             "attention only", "use model.attention_mask causal with context parallel, or parallelism.cp 1")
+    chunks = 2 * p.cp if p.cp_load_balance else p.cp
+    _require(t.seq_len % chunks == 0, "training.seq_len", t.seq_len,
+             f"not divisible by {'2 x ' if p.cp_load_balance else ''}parallelism.cp = {chunks}" +
+             (": load balancing gives each rank a head and a tail chunk" if p.cp_load_balance else ""),
+             f"use a multiple of {chunks}" + (" or --no-parallelism.cp_load_balance" if p.cp_load_balance else ""))
 
 
 def _check_pipeline(cfg: Config, n_layers: int, dp_shard: int) -> None:

@@ -38,7 +38,8 @@ class Validator:
         dp_rank, dp_degree: this rank's place among the data-parallel ranks; each reads its share
             of every validation batch, exactly as for training.
         device: where the model runs.
-        dp_group: the data-parallel process group the loss is summed over (None: one process).
+        dp_group: the process group the loss is summed over: data-parallel ranks, with context
+            parallel also the CP ranks, which hold different tokens (None: one process).
 
     The validation data is opened and checked here (ConfigError if it is missing or too small),
     so a misconfigured run fails before its first training step.
@@ -49,7 +50,8 @@ class Validator:
         self.device = torch.device(device)
         self.dp_group = dp_group
         self._fresh = build_validation_data(cfg, tokenizer, dp_rank, dp_degree)
-        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._attention = (cfg.model.attention_mask, cfg.model.document_positions)
+        self._cache: list[tuple[torch.Tensor, ...]] | None = None
         # One batch now: proves the data is there and large enough, before training starts.
         probe = self._fresh()
         try:
@@ -69,14 +71,14 @@ class Validator:
         stream = self._fresh()
         n = 0
         for batch in stream:
-            inputs, labels = batch[0], batch[1]
+            batch = tuple(batch[:3])  # inputs, labels (, document ids)
             if cache is not None:
-                size += inputs.numel() * inputs.element_size() * 2
+                size += sum(x.numel() * x.element_size() for x in batch)
                 if size <= _CACHE_BYTES:
-                    cache.append((inputs, labels))
+                    cache.append(batch)
                 else:
                     cache = None
-            yield inputs, labels
+            yield batch
             n += 1
             if self.steps > 0 and n >= self.steps:
                 break
@@ -88,13 +90,18 @@ class Validator:
 
     def run(self, model: torch.nn.Module, loss_context: Callable[[], contextlib.AbstractContextManager]
             = contextlib.nullcontext, autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-            batch_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict:
+            batch_loss: Callable[..., torch.Tensor] | None = None, shard=None) -> dict:
         """``{"val_loss", "val_perplexity", "val_tokens"}`` over the validation batches.
 
         ``loss_context`` wraps forward + loss (loss parallel); ``autocast`` (optional) wraps the
         forward like the training step's autocast. ``batch_loss(inputs, labels)`` replaces the
         model call when the model is split into pipeline stages (it returns the batch's mean
-        loss). Restores the model's train/eval mode."""
+        loss). ``shard(inputs, labels, model_kwargs)`` (context parallel) gives this rank's part of
+        a batch; the loss and token count are then this rank's, summed over ``dp_group``. Restores
+        the model's train/eval mode."""
+        from lathe.models.attention import model_inputs
+
+        shard = shard or (lambda *batch: contextlib.nullcontext(batch))
         was_training = model.training
         model.eval()
         autocast = autocast or contextlib.nullcontext
@@ -102,19 +109,20 @@ class Validator:
         count = 0
         try:
             with torch.no_grad():
-                for inputs, labels in self._batches():
-                    inputs = inputs.to(self.device, non_blocking=True)
-                    labels = labels.to(self.device, non_blocking=True)
-                    if batch_loss is not None:
-                        with loss_context(), autocast():
-                            loss = batch_loss(inputs, labels) * labels.numel()
-                    else:
-                        with loss_context():
-                            with autocast():
-                                logits = model(inputs)
-                            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1),
-                                                   reduction="sum")
-                        del logits
+                for batch in self._batches():
+                    inputs, labels, *ids = (x.to(self.device, non_blocking=True) for x in batch)
+                    kwargs = model_inputs(ids[0] if ids else None, *self._attention)
+                    with shard(inputs, labels, kwargs) as (inputs, labels, kwargs):
+                        if batch_loss is not None:
+                            with loss_context(), autocast():
+                                loss = batch_loss(inputs, labels, **kwargs) * labels.numel()
+                        else:
+                            with loss_context():
+                                with autocast():
+                                    logits = model(inputs, **kwargs)
+                                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1),
+                                                       reduction="sum")
+                            del logits
                     if hasattr(loss, "full_tensor"):  # a DTensor under loss parallel
                         loss = loss.full_tensor()
                     total += loss.double()

@@ -37,14 +37,15 @@ from lathe.guard import StepGuard, TrainingError  # noqa: F401 (lathe.trainer.Tr
 from lathe.manifest import RunManifest, exit_status
 from lathe.metrics import MetricsProcessor, make_dist_reduce_fn
 from lathe.metrics.wandb_sink import optional_sinks
-from lathe.models import MODELS
 from lathe import precision
 from lathe.models import MODELS, model_args_from_config, model_overrides
+from lathe.models.attention import model_inputs
 from lathe.models.llama import ModelArgs, flops_per_token, num_params
 from lathe.optim import LRSchedules, Optimizers
 from lathe.parallel import distributed
 from lathe.parallel.checkpointing import apply_ac
 from lathe.parallel.compile import apply_compile
+from lathe.parallel.context import ContextParallel
 from lathe.parallel.dims import Meshes, ParallelDims
 from lathe.parallel.fsdp import apply_ddp, apply_fsdp, set_gradient_sync
 from lathe.parallel.init import init_model_parts
@@ -288,14 +289,16 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     meshes = dims.build_meshes(device.type)
     dp_rank = meshes.dp.get_local_rank() if meshes.dp is not None else 0
     dp_degree = dims.dp
+    # the loss is averaged over every rank holding different tokens: data parallel x context parallel
+    loss_group = meshes.dp_cp.get_group() if meshes.dp_cp is not None else None
+    cp = ContextParallel(meshes.cp, cfg.parallelism.cp_rotate_method, cfg.parallelism.cp_load_balance)
     seed_everything(t.seed, t.deterministic)
 
     tokenizer = build_tokenizer(cfg)
     data = build_train_data(cfg, tokenizer, dp_rank, dp_degree)
     validator = None
     if cfg.validation.enabled:  # built now: its data is checked before training starts
-        validator = Validator(cfg, tokenizer, dp_rank, dp_degree, device,
-                              dp_group=meshes.dp.get_group() if meshes.dp is not None else None)
+        validator = Validator(cfg, tokenizer, dp_rank, dp_degree, device, dp_group=loss_group)
 
     args = model_args(cfg, resolve_vocab_size(cfg, tokenizer))
     with torch.device("meta"):
@@ -356,14 +359,14 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         color=cfg.metrics.enable_color_printing, enable_tensorboard=cfg.metrics.enable_tensorboard,
         tb_folder=cfg.metrics.save_tb_folder, is_logging_rank=is_logging_rank,
         model_parallel_size=dims.model_parallel_size,
-        reduce_fn=make_dist_reduce_fn(meshes.dp.get_group()) if meshes.dp is not None else None,
+        reduce_fn=make_dist_reduce_fn(loss_group) if loss_group is not None else None,
         compute_dtype=compute_dtype(cfg, device, dims), attention_flops_per_token=flops_per_token(args, 0, t.seq_len),
         dp_degree=dp_degree, total_steps=t.steps,
         sinks=optional_sinks(cfg, dump_folder, train_state) if is_logging_rank else ())
     metrics.tokens_seen = train_state.tokens_seen // dp_degree
     guard = StepGuard(t, device, train_state, windows_per_step=t.batch_size * accum * dp_degree,
                       log_event=metrics.log_event)
-    step_fn = StepRunner(parts, pipeline, optimizers, schedules, data, metrics, device, accum, cfg, dims,
+    step_fn = StepRunner(parts, pipeline, optimizers, schedules, data, metrics, device, accum, cfg, dims, cp,
                          pp_group=meshes.pp.get_group() if meshes.pp is not None else None, guard=guard)
     result = TrainResult(dump_folder=dump_folder, model_parts=parts)
     tokens_per_step = t.batch_size * t.seq_len * accum * dp_degree
@@ -477,8 +480,9 @@ class StepRunner:
     """One optimizer step: micro-batches (forward, loss, backward), clipping, optimizer, schedule."""
 
     def __init__(self, parts, pipeline, optimizers, schedules, data, metrics, device, accum, cfg: Config,
-                 dims: ParallelDims, pp_group=None, guard: StepGuard | None = None):
-        self.parts, self.pipeline, self.pp_group = parts, pipeline, pp_group
+                 dims: ParallelDims, cp: ContextParallel, pp_group=None, guard: StepGuard | None = None):
+        self.parts, self.pipeline, self.pp_group, self.cp = parts, pipeline, pp_group, cp
+        self.attention = (cfg.model.attention_mask, cfg.model.document_positions)
         self.optimizers, self.schedules = optimizers, schedules
         self.data_iter = iter(data)
         self.guard, self.verdict = guard, None
@@ -502,12 +506,11 @@ class StepRunner:
             for part in self.parts:
                 set_gradient_sync(part, micro == self.accum - 1)  # reduce grads once, at the end
             start = time.perf_counter()
-            inputs, labels = next(self.data_iter)[:2]
+            batch = next(self.data_iter)
             self.metrics.data_loading_time(time.perf_counter() - start)
-            inputs = inputs.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            inputs, labels, *ids = (x.to(self.device, non_blocking=True) for x in batch[:3])
             self.ntokens += labels.numel()
-            loss += self.forward_backward(inputs, labels)
+            loss += self.forward_backward(inputs, labels, model_inputs(ids[0] if ids else None, *self.attention))
         self.grad_norm = clip_grad_norm(self.parts, self.max_norm, self.pp_group)
         self.lr = self.optimizers.lr
         # Every rank agrees whether this update happens (non-finite and spike policies, guard.py).
@@ -518,23 +521,28 @@ class StepRunner:
             self.schedules.step()
         return loss
 
-
     def validate(self, validator: Validator) -> dict:
         batch_loss = self.pipeline.evaluate if self.pipeline is not None else None
-        return validator.run(self.parts[0], self.loss_context, self.autocast, batch_loss=batch_loss)
+        return validator.run(self.parts[0], self.loss_context, self.autocast, batch_loss=batch_loss,
+                             shard=self.cp.shard)
 
-    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One micro-batch's forward and backward; returns its (detached) loss / accumulation."""
-        if self.pipeline is not None:
-            # the schedule runs forward and backward of every pipeline micro-batch of this batch
-            with self.loss_context(), self.autocast():
-                return self.pipeline.step(inputs, labels)
-        with self.loss_context():
-            with self.autocast():
-                logits = self.parts[0](inputs)
-                loss = cross_entropy(logits, labels) / self.accum
-            del logits  # free the largest activation before backward allocates gradients
-            loss.backward()
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        """One micro-batch's forward and backward; returns its (detached) loss / accumulation.
+
+        ``model_kwargs``: the model's per-token inputs besides the tokens (document ids for
+        block-causal attention, positions). Under context parallel all of them, inputs and labels
+        are this rank's part of the sequence, and forward and backward run inside the context."""
+        with self.cp.shard(inputs, labels, model_kwargs) as (inputs, labels, model_kwargs):
+            if self.pipeline is not None:
+                # the schedule runs forward and backward of every pipeline micro-batch of this batch
+                with self.loss_context(), self.autocast():
+                    return self.pipeline.step(inputs, labels, **model_kwargs)
+            with self.loss_context():
+                with self.autocast():
+                    logits = self.parts[0](inputs, **model_kwargs)
+                    loss = cross_entropy(logits, labels) / self.accum
+                del logits  # free the largest activation before backward allocates gradients
+                loss.backward()
         loss = loss.detach()
         # under loss parallel the loss is a replicated DTensor: every rank has it whole
         return loss.full_tensor() if isinstance(loss, DTensor) else loss

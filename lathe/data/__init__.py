@@ -109,7 +109,7 @@ def _document_stream(cfg, split: str, infinite: bool) -> DocumentStream:
 def build_train_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) -> DataLoader:
     """This rank's training batches: an iterator of ``(inputs, labels)`` LongTensors of shape
     ``(training.batch_size, training.seq_len)`` (plus ``(document_ids, positions)`` with
-    ``training.document_ids``), with ``state_dict()``/``load_state_dict()`` (exact, on any
+    ``training.document_ids`` or block-causal attention), with ``state_dict()``/``load_state_dict()`` (exact, on any
     dp_degree) and ``close()``. Problems with the data raise ConfigError here, before training."""
     t = cfg.training
     check_data_config(cfg)
@@ -131,8 +131,13 @@ def build_train_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) ->
                     " and streams the whole Hugging Face split" if any(s.kind == "hf" for s, _ in train_specs(cfg))
                     else "")
     stream = PackedStream(docs, tokenizer, t.seq_len, t.batch_size, dp_rank=dp_rank, dp_degree=dp_degree,
-                          document_ids=t.document_ids, encode_batch_size=encode_batch_size)
+                          document_ids=wants_document_ids(cfg), encode_batch_size=encode_batch_size)
     return DataLoader(stream, workers=t.data_workers, lockstep=isinstance(tokenizer, SplitTokenizer))
+
+
+def wants_document_ids(cfg) -> bool:
+    """Whether batches carry document ids: asked for, or needed by block-causal attention."""
+    return cfg.training.document_ids or cfg.model.attention_mask == "block_causal"
 
 
 def build_validation_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) -> Callable[[], PackedStream]:
@@ -149,6 +154,7 @@ def build_validation_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: in
 
     def fresh() -> PackedStream:
         d = DocumentStream(sources, weights, seed=t.seed, shuffle_buffer=0, infinite=False)
-        return PackedStream(d, tokenizer, t.seq_len, batch_size, dp_rank=dp_rank, dp_degree=dp_degree)
+        return PackedStream(d, tokenizer, t.seq_len, batch_size, dp_rank=dp_rank, dp_degree=dp_degree,
+                            document_ids=wants_document_ids(cfg))
 
     return fresh

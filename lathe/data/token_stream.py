@@ -215,8 +215,10 @@ class TokenWindowStream:
         if not stores:
             raise ValueError("a token stream needs at least one store")
         if document_ids and not all(s.has_document_boundaries for s in stores):
-            raise ConfigError("training.document_ids", "a flat token file has no document boundaries",
-                              "use a Megatron .bin/.idx or prepared folder, or leave document_ids off")
+            raise ConfigError("training.document_ids", "a flat token file has no document boundaries (document "
+                              "ids are needed by training.document_ids and model.attention_mask block_causal)",
+                              "use a Megatron .bin/.idx or prepared folder, or leave document_ids off and the "
+                              "attention mask causal")
         self.stores = list(stores)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.dp_rank, self.dp_degree = dp_rank, dp_degree
@@ -470,10 +472,13 @@ def build_token_stream(cfg, tokenizer, split: str, dp_rank: int, dp_degree: int,
                        stores: list[TokenStore] | None = None, weights: list[float] | None = None) -> TokenWindowStream:
     """This rank's stream over the tokenized data of ``split`` (training: endless, shuffled as
     configured; validation: one pass in order)."""
+    from lathe.data import wants_document_ids  # late import: lathe.data imports this module
+
     t = cfg.training
     if stores is None:
         stores, weights = open_token_stores(cfg, tokenizer, split)
     option = "training.dataset_mix" if t.dataset_mix else "training.dataset_path"
+    ids = wants_document_ids(cfg)
     if split == "train":
         total = float(sum(weights))
         names = ", ".join(f"{s.name} ({w / total:.0%})" for s, w in zip(stores, weights)) if len(stores) > 1 \
@@ -484,12 +489,12 @@ def build_token_stream(cfg, tokenizer, split: str, dp_rank: int, dp_degree: int,
                     t.seq_len, t.batch_size, dp_degree, t.shuffle_buffer)
         try:
             return TokenWindowStream(stores, t.seq_len, t.batch_size, dp_rank, dp_degree, weights, t.seed,
-                                     t.shuffle_buffer, True, t.document_ids, tokenizer.vocab_size, option)
+                                     t.shuffle_buffer, True, ids, tokenizer.vocab_size, option)
         except ValueError as e:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError("training.seq_len", str(e), "use a smaller training.seq_len or more data",
                               t.seq_len) from None
     batch = cfg.validation.batch_size or t.batch_size
-    return TokenWindowStream(stores, t.seq_len, batch, dp_rank, dp_degree, weights, t.seed, 0, False, False,
+    return TokenWindowStream(stores, t.seq_len, batch, dp_rank, dp_degree, weights, t.seed, 0, False, ids,
                              tokenizer.vocab_size, "validation.dataset_path" if cfg.validation.dataset_path else option)

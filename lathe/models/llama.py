@@ -17,6 +17,9 @@ Choices made so that parallelism can be applied from outside (lathe/parallel/):
   heads (and matching w1/w3 rows) on each rank. ``unfuse_state_dict``/``fuse_state_dict`` map them
   to and from the unfused names: checkpoints, Hugging Face and torchtitan always see wq/wk/wv,
   w1/w3, whichever layout trained.
+- The attention kernel and the causal / block-causal (per-document) masks live in
+  ``lathe.models.attention``; ``forward`` takes optional per-token ``positions`` and
+  ``document_ids``, which context parallel and document masking pass from outside.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lathe.models.attention import attention, document_mask
 
 
 @dataclass(frozen=True)
@@ -139,14 +144,18 @@ def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tu
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of each head by position-dependent angles.
 
-    x: (bs, seq, ..., head_dim), any number of head dimensions; cos/sin: (seq, head_dim/2).
+    x: (bs, seq, ..., head_dim), any number of head dimensions; cos/sin: the tables
+    (max_seq_len, head_dim/2), or the rows of each token's position (bs, seq, head_dim/2).
     Each pair is read as the complex number x[2i] + i x[2i+1] and multiplied by
     cos + i sin: one kernel forward and one backward in float32 (bf16/fp16 inputs are
     upcast first and the result cast back), instead of the ~10 a real-valued rotation takes in
     eager mode. The pairs are viewed in place, so x needs a unit stride in its last dimension.
     """
     seq = x.shape[1]
-    rotation = torch.complex(cos[:seq], sin[:seq]).view(1, seq, *([1] * (x.dim() - 3)), -1)
+    if cos.dim() == 2:  # the whole table: positions 0..seq-1
+        cos, sin = cos[:seq], sin[:seq]
+    rotation = torch.complex(cos, sin)  # (seq or bs x seq, head_dim/2)
+    rotation = rotation.reshape(-1, seq, *([1] * (x.dim() - 3)), rotation.shape[-1])
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
@@ -177,10 +186,10 @@ class Attention(nn.Module):
             self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         bs, seq, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        return self.wo(self.attend(q, k, v).reshape(bs, seq, -1))
+        return self.wo(self.attend(q, k, v, mask).reshape(bs, seq, -1))
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q (bs, seq, heads, head_dim) and k, v (bs, seq, kv_heads, head_dim), RoPE applied.
@@ -197,8 +206,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(bs, seq, -1, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal scaled-dot-product attention: (bs, seq, heads, head_dim) in and out.
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+        """Scaled-dot-product attention, causal or (``mask``) block-causal
+        (``lathe.models.attention``): (bs, seq, heads, head_dim) in and out.
 
         With GQA, each key/value head serves ``n_rep`` consecutive query heads. On CPU the SDPA
         kernel reads the shared heads itself (``enable_gqa``); elsewhere they are repeated first,
@@ -206,8 +216,8 @@ class Attention(nn.Module):
         if self.n_rep > 1 and q.device.type != "cpu":
             k = k.repeat_interleave(self.n_rep, dim=2)
             v = v.repeat_interleave(self.n_rep, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=self.n_rep > 1)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                        enable_gqa=self.n_rep > 1 and q.device.type == "cpu")
         return out.transpose(1, 2)
 
     @torch.no_grad()
@@ -273,8 +283,8 @@ class TransformerBlock(nn.Module):
         depth = layer_id + 1 if args.depth_init else args.n_layers
         self.out_init_std = 0.02 / math.sqrt(2 * depth)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self) -> None:
@@ -298,15 +308,22 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (bs, seq) int64 -> logits (bs, seq, vocab) float32.
 
         A pipeline stage without embeddings receives hidden states instead of tokens, and one
-        without the output layer returns hidden states.
+        without the output layer returns hidden states. ``positions`` (bs, seq): each token's RoPE
+        position (default 0..seq-1). ``document_ids`` (bs, seq): attend only within each document
+        (block-causal, see ``lathe.models.attention``); default causal over the whole row.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        cos, sin = self.rope_cos, self.rope_sin
+        if positions is not None:
+            cos, sin = cos[positions], sin[positions]
+        mask = document_mask(document_ids) if document_ids is not None else None
         for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
+            h = layer(h, cos, sin, mask)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h).float() if self.output is not None else h

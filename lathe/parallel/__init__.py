@@ -2,6 +2,8 @@
 
 Order of application (each step wraps what the previous one produced):
 tensor parallel -> activation checkpointing -> torch.compile -> FSDP / HSDP / DDP.
+Context parallel (``context.py``) does not wrap the model: it shards each batch along the sequence
+and runs attention as a ring while a step's forward and backward run.
 """
 
 from __future__ import annotations

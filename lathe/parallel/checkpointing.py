@@ -33,6 +33,8 @@ def _save_list() -> set:
                  "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention"):
         if hasattr(torch.ops.aten, name):
             ops.add(getattr(torch.ops.aten, name).default)
+    if hasattr(torch.ops.higher_order, "flex_attention"):  # block-causal attention on CUDA
+        ops.add(torch.ops.higher_order.flex_attention)
     # Under sequence parallelism the reduce-scatter output is cheap to keep, costly to redo.
     if hasattr(torch.ops, "_c10d_functional"):
         ops.add(torch.ops._c10d_functional.reduce_scatter_tensor.default)

@@ -176,20 +176,23 @@ class PipelineRunner:
                                           loss_fn=lambda out, target: loss_fn(out, target) / scale,
                                           scale_grads=False)
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of one batch; returns its loss / accumulation steps."""
-        return self._run(self.schedule.step, inputs, labels)
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        """Forward and backward of one batch; returns its loss / accumulation steps.
+
+        ``model_kwargs`` (per-token tensors such as positions or document ids) are split into
+        micro-batches like the inputs and given to every stage."""
+        return self._run(self.schedule.step, inputs, labels, model_kwargs)
 
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, inputs: torch.Tensor, labels: torch.Tensor, **model_kwargs) -> torch.Tensor:
         """Forward only; returns the batch's mean loss."""
-        return self._run(self.schedule.eval, inputs, labels) * self.accumulation
+        return self._run(self.schedule.eval, inputs, labels, model_kwargs) * self.accumulation
 
-    def _run(self, fn, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _run(self, fn, inputs: torch.Tensor, labels: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
         kwargs = {"target": labels, "losses": losses} if self.has_last else {}
-        fn(*args, **kwargs)
+        fn(*args, **kwargs, **model_kwargs)
         # Only the last stage has the (pre-divided) micro-batch losses: the others contribute 0
         # and the sum over the pipeline group gives every rank the true loss.
         loss = torch.stack([_local(x) for x in losses]).sum() if self.has_last else torch.zeros((), device=self.device)

@@ -52,9 +52,9 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool) -> None:
     for block in model.layers.values():
         block_plan = {
             "attention_norm": SequenceParallel(),
-            # (hidden, rope_cos, rope_sin): gather the sequence shards; leave the RoPE tables alone
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                            desired_input_layouts=(Replicate(), None, None)),
+            # (hidden, rope_cos, rope_sin, mask): gather the sequence shards; leave the rest alone
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
             "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
