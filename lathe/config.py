@@ -226,8 +226,10 @@ class Comm:
 
 @dataclass
 class MemoryEstimation:
-    enabled: bool = opt(False, "estimate memory instead of training")
-    disable_fake_mode: bool = opt(False, "estimate with real tensors instead of fake ones")
+    enabled: bool = opt(False, "estimate memory per rank instead of training (what `lathe estimate` does)")
+    disable_fake_mode: bool = opt(False, "estimate with real tensors instead of fake ones (needs the memory)")
+    check: bool = opt(True, "log the analytic memory estimate at the start of training and the measured "
+                      "peak after step 2 (CPU: tracked tensors, CUDA: max_memory_allocated)")
 
 
 @dataclass
@@ -274,7 +276,6 @@ NOT_SUPPORTED_YET: dict[str, str] = {
     "experimental.enable_async_tensor_parallel": "async tensor parallel is not built yet",
     "experimental.enable_compiled_autograd": "compiled autograd is not built yet",
     "metrics.enable_wandb": "the W&B sink is not built yet; use metrics.enable_tensorboard or metrics.jsonl",
-    "memory_estimation.enabled": "the memory estimator is not built yet",
 }
 
 

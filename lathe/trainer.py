@@ -33,6 +33,7 @@ from lathe.checkpoint.preemption import Preempted, PreemptionWatcher
 from lathe.config import Config
 from lathe.data import build_tokenizer, build_train_data, resolve_vocab_size
 from lathe.evaluation import Validator
+from lathe.memcheck import MemoryCheck
 from lathe.metrics import MetricsProcessor, make_dist_reduce_fn
 from lathe.models import MODELS
 from lathe.models.llama import ModelArgs, flops_per_token, num_params
@@ -76,6 +77,7 @@ class TrainResult:
     tokens: int = 0
     dump_folder: Path = Path(".")
     model_parts: list[nn.Module] = field(default_factory=list)  # trained (parallelized) parts
+    memory: dict = field(default_factory=dict)  # the memory check: predicted and measured peak (bytes)
 
     @property
     def model(self) -> nn.Module:
@@ -132,6 +134,18 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
     elif dims.ddp_only:
         apply_ddp(model, meshes.data_parallel)
     return model
+
+
+def build_model_parts(cfg: Config, model: nn.Module, reference: nn.Module, plan: PipelinePlan | None,
+                      dims: ParallelDims, meshes: Meshes) -> list[nn.Module]:
+    """This rank's model parts, parallelized, still on the meta device: the whole model, or (with
+    pipeline parallelism) one copy per stage this rank runs, holding only that stage's blocks."""
+    if plan is None:
+        parts, first_blocks = [model], [0]
+    else:
+        parts = [build_stage_module(reference, *plan.ranges[s], plan.num_stages, s) for s in plan.my_stages]
+        first_blocks = [plan.ranges[s][0] for s in plan.my_stages]
+    return [parallelize(part, cfg, dims, meshes, first) for part, first in zip(parts, first_blocks)]
 
 
 def _wait_for_async_embedding_output(model: nn.Module) -> None:
@@ -313,12 +327,7 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
 
     accum = config_lib.accumulation_steps(cfg, dp_degree)
     plan = pipeline_plan(cfg, args, dims, meshes, reference) if dims.pp > 1 else None
-    if plan is None:
-        parts, first_blocks = [model], [0]
-    else:  # one meta copy per stage this rank runs, holding only that stage's blocks
-        parts = [build_stage_module(reference, *plan.ranges[s], plan.num_stages, s) for s in plan.my_stages]
-        first_blocks = [plan.ranges[s][0] for s in plan.my_stages]
-    parts = [parallelize(part, cfg, dims, meshes, first) for part, first in zip(parts, first_blocks)]
+    parts = build_model_parts(cfg, model, reference, plan, dims, meshes)
     for part in parts:
         part.to_empty(device=device)
     init_model_parts(parts, reference, device, t.seed)
@@ -362,6 +371,8 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         reduce_fn=make_dist_reduce_fn(meshes.dp.get_group()) if meshes.dp is not None else None)
     metrics.tokens_seen = train_state.tokens_seen // dp_degree
     guard = NonFiniteGuard(device)
+    memory_check = MemoryCheck(cfg, dims, parts, optimizers, device, meshes.pp.get_local_rank() if meshes.pp else 0,
+                               args.vocab_size, t.steps, enabled=cfg.memory_estimation.check)
     step_fn = StepRunner(parts, pipeline, optimizers, schedules, data, metrics, device, accum, cfg, dims,
                          pp_group=meshes.pp.get_group() if meshes.pp is not None else None)
     result = TrainResult(dump_folder=dump_folder, model_parts=parts)
@@ -384,7 +395,8 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
             for step in range(first_step, t.steps + 1):
                 if t.gc_freq and step % t.gc_freq == 0:
                     gc.collect(1)
-                loss = step_fn.run(step)
+                with memory_check.measuring(step):
+                    loss = step_fn.run(step)
                 guard.record(step, loss, step_fn.grad_norm)
                 step_losses[step] = loss
                 train_state.step = step
@@ -438,6 +450,7 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         if own_group:
             torch.distributed.destroy_process_group()
 
+    result.memory = memory_check.result
     result.losses = dict(zip(step_losses, torch.stack(list(step_losses.values())).tolist())) if step_losses else {}
     result.steps = train_state.step
     result.tokens = train_state.tokens_seen
