@@ -25,6 +25,8 @@ commands:
   tokenizer    tokenizer tools (lathe tokenizer train --help)
   convert      lathe checkpoints <-> Hugging Face safetensors (lathe convert --help)
   seed-checkpoint  write initial weights (step-0) on one process, then exit
+  estimate     memory per rank of a config on N GPUs, measured on fake tensors (lathe estimate --help)
+  plan         rank the layouts of a config for a cluster by predicted speed (lathe plan --help)
   config-docs  print the config reference as Markdown (docs/config.md)
 """
 
@@ -46,6 +48,8 @@ def cmd_train(argv: list[str]) -> int:
     if print_config:
         print(config_lib.to_toml(cfg), end="")
         return 0
+    if cfg.memory_estimation.enabled:  # torchtitan's switch: estimate for $WORLD_SIZE ranks instead
+        return cmd_estimate([*argv, "--world-size", os.environ.get("WORLD_SIZE", "1")])
     setup_logging()
     from lathe import launch
     from lathe.checkpoint.preemption import Preempted
@@ -148,6 +152,24 @@ def cmd_config_docs(argv: list[str]) -> int:
     return 0
 
 
+def cmd_estimate(argv: list[str]) -> int:
+    """``lathe estimate [train options] --world-size N [--device NAME] [--json]`` (lathe/estimate.py)."""
+    from lathe.estimate import main as estimate_main
+
+    setup_logging()
+    logging.getLogger("lathe").setLevel(logging.WARNING)  # the report is the output
+    return estimate_main(argv)
+
+
+def cmd_plan(argv: list[str]) -> int:
+    """``lathe plan [train options] --nodes N --gpus-per-node G --device NAME [--json]`` (lathe/plan.py)."""
+    from lathe.plan import main as plan_main
+
+    setup_logging()
+    logging.getLogger("lathe").setLevel(logging.WARNING)
+    return plan_main(argv)
+
+
 def cmd_launch(argv: list[str]) -> int:
     """``lathe launch [torchrun options] -- [train options]`` (see lathe/launch.py)."""
     from lathe.launch import main as launch_main
@@ -163,7 +185,8 @@ def cmd_slurm(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "tokenizer": cmd_tokenizer, "convert": cmd_convert,
-            "seed-checkpoint": cmd_seed_checkpoint, "config-docs": cmd_config_docs}
+            "seed-checkpoint": cmd_seed_checkpoint, "config-docs": cmd_config_docs, "estimate": cmd_estimate,
+            "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

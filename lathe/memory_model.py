@@ -313,10 +313,13 @@ def rank_memory(lay: Layout, pp_rank: int = 0) -> RankMemory:
     # start; under PP no block is resharded after forward.
     block_numel = sum(local_numel(s, r, t, 1) for s, r in _block_params(a))
     param_bytes_compute = BYTES[lay.param_dtype]
+    root_numel = sum(local_numel(s, r, t, 1) for st in stages for s, r, _ in _root_params(a, st.first, st.last))
     unsharded = 0
     if lay.fsdp:
         local_blocks = sum(st.blocks for st in stages)
         unsharded = block_numel * param_bytes_compute * (local_blocks if lay.pp > 1 else 1)
+        if lay.pp > 1:
+            unsharded += root_numel * param_bytes_compute
     communication = 0
     if lay.pp > 1:
         hidden = tokens * a.dim // t * c
@@ -333,6 +336,11 @@ def rank_memory(lay: Layout, pp_rank: int = 0) -> RankMemory:
         # backward needs about a quarter more for gradients of its activations.
         freed = FP32 * _vocab_shard(lay) * tokens if last is not None else 0
         phases["recompute"] = static + grads_in_flight + acts - freed + int(1.25 * block_activations(lay) * tokens)
+    if lay.fsdp and lay.pp == 1 and root_numel:
+        # Backward reaches the output layer: FSDP gathers the root unit (embedding, norm, output)
+        # again; its flat all-gather buffer and the unsharded copies coexist, next to the logits'
+        # float32 gradient (the saved log-softmax is freed by then).
+        phases["root gather"] = static + grads_in_flight + acts + 2 * root_numel * param_bytes_compute
     phases["optimizer step"] = params + grads + optim + buffers + communication + params
     return RankMemory(pp_rank, params, grads, optim, buffers, acts, block_activations(lay) * tokens, loss,
                       unsharded, communication, phases)
