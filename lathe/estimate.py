@@ -158,6 +158,13 @@ def fake_process_group(rank: int, world_size: int):
         yield
     finally:
         dist.destroy_process_group()
+        # DTensor caches sharding decisions by mesh, and a later group's meshes compare equal to
+        # this one's while naming other process groups: forget them. (Private in torch 2.11-2.13.)
+        from torch.distributed.tensor import debug
+
+        clear = getattr(debug, "_clear_sharding_prop_cache", None)
+        if clear is not None:
+            clear()
 
 
 def estimate(cfg: Config, world_size: int, steps: int = 2) -> Estimate:
