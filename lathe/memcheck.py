@@ -60,13 +60,15 @@ class MemoryCheck:
 
     def _report(self, step: int) -> None:
         self.enabled = False
+        by_step = []
         if self.tracker is not None:
-            measured, how = self.tracker.peak, "tracked tensor storages"
+            measured, how, by_step = self.tracker.peak, "tracked tensor storages", self.tracker.peak_by_step
             self.tracker = None
         else:
             measured, how = torch.cuda.max_memory_allocated(self.device), "CUDA max_memory_allocated"
         ratio = measured / self.predicted if self.predicted else float("inf")
-        self.result = {"predicted": self.predicted, "measured": measured, "ratio": ratio, "step": step}
+        self.result = {"predicted": self.predicted, "measured": measured, "ratio": ratio, "step": step,
+                       "measured_by_step": by_step}
         message = "memory check after step %d: predicted %.3f GiB, measured %.3f GiB (%s), ratio %.2f"
         args = (step, self.predicted / GIB, measured / GIB, how, ratio)
         if 1 / WARN_RATIO <= ratio <= WARN_RATIO:

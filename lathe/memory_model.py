@@ -280,6 +280,8 @@ def inflight(lay: Layout, pp_rank: int, n_local: int, microbatches: int) -> list
         return [microbatches] * n_local
     if name == "Schedule1F1B":
         return [min(microbatches, lay.pp - pp_rank)]
+    if name == "ScheduleDualPipeV":  # torch's steps 1-4: forwards of each stage before its first backward
+        return [min(microbatches, 2 * lay.pp - pp_rank), min(microbatches, lay.pp)]
     # Interleaved schedules (torch's warm-up): forwards go round-robin over the local stages,
     # ``per_round`` micro-batches at a time, until the first backward.
     rounds = max(1, microbatches // lay.pp)
@@ -312,8 +314,8 @@ def rank_memory(lay: Layout, pp_rank: int = 0) -> RankMemory:
     # FSDP: the last block is not resharded after forward, so it is still gathered at backward
     # start; under PP no block is resharded after forward.
     block_numel = sum(local_numel(s, r, t, 1) for s, r in _block_params(a))
-    param_bytes_compute = BYTES[lay.param_dtype]
     root_numel = sum(local_numel(s, r, t, 1) for st in stages for s, r, _ in _root_params(a, st.first, st.last))
+    param_bytes_compute = BYTES[lay.param_dtype]
     unsharded = 0
     if lay.fsdp:
         local_blocks = sum(st.blocks for st in stages)
@@ -327,8 +329,12 @@ def rank_memory(lay: Layout, pp_rank: int = 0) -> RankMemory:
             communication += hidden * ((0 if st.first else micro) + (0 if st.last else micro) + 1)
     if lay.ddp:  # DDP's reducer keeps a flat copy of every gradient (buckets)
         communication += grads
-    # Gradients exist during forward/backward when an earlier micro-batch produced them.
+    # Gradients exist during forward/backward when an earlier micro-batch produced them. Under PP,
+    # FSDP accumulates them unsharded (reduce dtype) until the last micro-batch's reduce-scatter.
     grads_in_flight = grads if (lay.accumulation > 1 or _overlapping_schedule(lay)) else 0
+    if lay.fsdp and lay.pp > 1 and grads_in_flight:
+        local = sum(st.blocks for st in stages) * block_numel + root_numel
+        grads_in_flight = local * BYTES[lay.reduce_dtype]
     static = params + optim + buffers + communication + unsharded
     phases = {"backward start": static + grads_in_flight + acts + loss}
     if lay.ac_mode == "full" or (lay.ac_mode == "selective" and lay.ac_option != "op"):
