@@ -329,10 +329,11 @@ def rank_memory(lay: Layout, pp_rank: int = 0) -> RankMemory:
             communication += hidden * ((0 if st.first else micro) + (0 if st.last else micro) + 1)
     if lay.ddp:  # DDP's reducer keeps a flat copy of every gradient (buckets)
         communication += grads
-    # Gradients exist during forward/backward when an earlier micro-batch produced them. Under PP,
-    # FSDP accumulates them unsharded (reduce dtype) until the last micro-batch's reduce-scatter.
+    # Gradients exist during forward/backward when an earlier micro-batch produced them. FSDP
+    # accumulates them unsharded (in the reduce dtype) until the last micro-batch reduce-scatters
+    # (gradient accumulation, pipeline micro-batches).
     grads_in_flight = grads if (lay.accumulation > 1 or _overlapping_schedule(lay)) else 0
-    if lay.fsdp and lay.pp > 1 and grads_in_flight:
+    if lay.fsdp and grads_in_flight:
         local = sum(st.blocks for st in stages) * block_numel + root_numel
         grads_in_flight = local * BYTES[lay.reduce_dtype]
     static = params + optim + buffers + communication + unsharded

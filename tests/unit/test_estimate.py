@@ -42,7 +42,8 @@ def test_tracker_counts_allocations_frees_and_resizes():
     assert tracker.total == 0
 
 
-@pytest.mark.parametrize("flavor,world_size", [("8B", 8), ("8B", 64), ("70B", 16), ("70B", 128), ("405B", 512)])
+# (8B at world size 8 is checked on a full fake run in test_analytic_model_matches_fake_estimate_8b)
+@pytest.mark.parametrize("flavor,world_size", [("8B", 64), ("70B", 16), ("70B", 128), ("405B", 512)])
 def test_state_bytes_equal_the_closed_form(flavor, world_size):
     """Build the real FSDP model for rank 0, materialize it as fake tensors, take an optimizer step
     on zero gradients; the tracker's parameter, gradient and optimizer-state bytes are exactly
@@ -122,14 +123,14 @@ def test_analytic_model_matches_fake_estimate_8b(world_size, overrides):
 
 def test_plan_returns_only_layouts_that_estimate_says_fit(capsys):
     """A 4-GPU node whose memory fits some layouts of the debug model and not others."""
-    argv = [*DEBUG, "--nodes", "1", "--gpus-per-node", "4", "--device", "H100", "--device-memory", "1.5",
-            "--global-batch", "16", "--json"]
+    argv = [*DEBUG, "--nodes", "1", "--gpus-per-node", "4", "--device", "H100", "--device-memory", "1.2",
+            "--global-batch", "8", "--json"]
     assert cli.main(["plan", *argv]) == 0
     layouts = json.loads(capsys.readouterr().out)["layouts"]
     assert layouts
     assert cli.main(["plan", *argv[:-1], "--device-memory", "100", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["layouts"]) > len(layouts)  # memory dropped some
-    device = resolve_device("H100", memory_gib=1.5)
+    device = resolve_device("H100", memory_gib=1.2)
     # the fastest, and the one closest to the limit
     for chosen in {id(x): x for x in (layouts[0], max(layouts, key=lambda x: x["memory"]))}.values():
         cfg, _ = load_config([*DEBUG, *chosen["overrides"]])
