@@ -158,6 +158,8 @@ def cmd_estimate(argv: list[str]) -> int:
 
     setup_logging()
     logging.getLogger("lathe").setLevel(logging.WARNING)  # the report is the output
+    # torch's advice on a simulated run (sequential all-reduces of a 2-D grad norm) is noise here
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     return estimate_main(argv)
 
 
