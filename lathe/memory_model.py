@@ -352,6 +352,16 @@ def rank_memory(lay: Layout, pp_rank: int = 0) -> RankMemory:
         # again; its flat all-gather buffer and the unsharded copies coexist, next to the logits'
         # float32 gradient (the saved log-softmax is freed by then).
         phases["root gather"] = static + grads_in_flight + acts + 2 * root_numel * param_bytes_compute
+    if lay.fsdp and t > 1 and stages[0].first:
+        # The embedding's backward under TP returns the whole table's gradient (replicated; see
+        # param_bytes), which FSDP then shards, at the very end of backward.
+        table = a.vocab_size * a.dim * param_bytes_compute
+        if lay.pp > 1:
+            phases["embedding gradient"] = static + grads_in_flight + table + table // t
+        else:  # the root unit is gathered again, with its unsharded gradients
+            root_sharded = FP32 * sum(local_numel(s, r, t, lay.dp_shard) for s, r, _ in _root_params(a, True, stages[0].last))
+            phases["embedding gradient"] = (params + optim + buffers + communication + grads - root_sharded
+                                            + root_numel * (param_bytes_compute + BYTES[lay.reduce_dtype]) + table)
     phases["optimizer step"] = params + grads + optim + buffers + communication + params
     return RankMemory(pp_rank, params, grads, optim, buffers, acts, block_activations(lay) * tokens, loss,
                       unsharded, communication, phases)

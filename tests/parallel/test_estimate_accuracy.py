@@ -36,7 +36,9 @@ COMMON = ["--model.flavor", "tiny", "--training.seq_len", "32", "--training.step
           "--comm.watchdog_timeout_seconds", "0", "--no-validation.enabled"]
 CASES = [(name, nproc, [o for o in overrides if o not in ("--validation.enabled",)])
          for name, nproc, _, overrides in LAYOUTS if "--training.compile" not in overrides]
-CASES = [("single", 1, []), *CASES]
+# the parity suite has PP x FSDP x TP only compiled; the eager 3-D layout is measured here
+CASES = [("single", 1, []), *CASES,
+         ("pp2xfsdp2xtp2", 8, ["--parallelism.pp", "2", "--parallelism.dp_shard", "2", "--parallelism.tp", "2"])]
 
 
 def _config(name: str, overrides: list[str]) -> list[str]:
