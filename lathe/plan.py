@@ -262,12 +262,15 @@ def format_table(cands: list[Candidate], top: int, cfg: Config, nodes: int, gpus
     lines = [f"lathe plan: {cfg.model.name} {cfg.model.flavor} on {nodes} x {gpus_per_node} {device.name} "
              f"({device.memory_gib:g} GiB, {device.peak_flops / 1e12:.0f} TFLOP/s bf16), seq {cfg.training.seq_len}, "
              f"global batch {global_batch} sequences", f"{len(cands)} layouts fit; the fastest {min(top, len(cands))}:", ""]
-    head = f"{'#':>3}  {'layout':<34} {'AC':<7} {'micro x acc':<11} {'GiB/rank':>8} {'tok/s/GPU':>10} {'MFU':>6} {'step s':>8}"
+    width = max([len("layout")] + [len(c.name) for c in cands[:top]])
+    head = (f"{'#':>3}  {'layout':<{width}}  {'AC':<7} {'micro x acc':<11} {'GiB/rank':>8} {'tok/s/GPU':>10} "
+            f"{'MFU':>6} {'step s':>8}")
     lines += [head, "-" * len(head)]
     for i, c in enumerate(cands[:top], 1):
         lay = c.layout
-        lines.append(f"{i:>3}  {c.name:<34} {c.ac:<7} {f'{lay.batch_size} x {lay.accumulation}':<11} "
+        lines.append(f"{i:>3}  {c.name:<{width}}  {c.ac:<7} {f'{lay.batch_size} x {lay.accumulation}':<11} "
                      f"{c.memory / GIB:>8.1f} {c.tokens_per_gpu:>10,.0f} {c.mfu:>5.1f}% {c.step_time:>8.3f}")
+    lines += ["", "GiB/rank: what the device needs (analytic peak +10% model margin, allocator, CUDA context, NCCL)"]
     if cands:
         lines += ["", "best: lathe train " + (f"--config {cfg.job.config_file} " if cfg.job.config_file else "")
                   + " ".join(cands[0].overrides())]
