@@ -97,7 +97,7 @@ class RankMemory:
 # Parameters
 
 
-def _block_params(a: ModelArgs) -> list[tuple[tuple[int, ...], str]]:
+def block_params(a: ModelArgs) -> list[tuple[tuple[int, ...], str]]:
     """(shape, TP rule) of one block's parameters: col = split output features (dim 0),
     row = split input features (dim 1), rep = replicated."""
     q, kv = a.n_heads * a.head_dim, a.kv_heads * a.head_dim
@@ -108,7 +108,7 @@ def _block_params(a: ModelArgs) -> list[tuple[tuple[int, ...], str]]:
     return out
 
 
-def _root_params(a: ModelArgs, first: bool, last: bool) -> list[tuple[tuple[int, ...], str, str]]:
+def root_params(a: ModelArgs, first: bool, last: bool) -> list[tuple[tuple[int, ...], str, str]]:
     out = []
     if first:
         out.append(((a.vocab_size, a.dim), "col", "embedding"))  # vocabulary-sharded (dim 0)
@@ -154,8 +154,8 @@ def stage_layout(lay: Layout) -> tuple[int, list[list[_Stage]], int]:
         ranges = pl.layer_ranges_from_split_points(list(lay.pp_split_points), a.n_layers, num_stages)
     else:
         num_stages = lay.pp * pl.stages_per_rank(cls, lay.pp_stages_per_rank)
-        block_params = sum(math.prod(s) for s, _ in _block_params(a))
-        block = 6 * block_params + flops_per_token(a, 0, lay.seq_len) / a.n_layers
+        block_numel = sum(math.prod(s) for s, _ in block_params(a))
+        block = 6 * block_numel + flops_per_token(a, 0, lay.seq_len) / a.n_layers
         table = a.vocab_size * a.dim
         ranges = pl.balanced_layer_ranges(block, a.n_layers, num_stages, first_extra=2 * table, last_extra=6 * table)
     v_shaped = pl.is_v_shaped(cls)
@@ -172,10 +172,10 @@ def param_bytes(lay: Layout, stages: list[_Stage]) -> tuple[int, int, int, int]:
     a, t, s = lay.args, lay.tp, lay.dp_shard
     numel = grads = tensors = 0
     for st in stages:
-        for shape, rule in _block_params(a):
+        for shape, rule in block_params(a):
             n = local_numel(shape, rule, t, s) * st.blocks
             numel, grads, tensors = numel + n, grads + n, tensors + st.blocks
-        for shape, rule, what in _root_params(a, st.first, st.last):
+        for shape, rule, what in root_params(a, st.first, st.last):
             n = local_numel(shape, rule, t, s)
             numel, tensors = numel + n, tensors + 1
             # torch 2.13: the vocabulary-sharded embedding's gradient comes back replicated (whole
@@ -313,8 +313,8 @@ def rank_memory(lay: Layout, pp_rank: int = 0) -> RankMemory:
         loss += micro * tokens * FP32 * _vocab_shard(lay)
     # FSDP: the last block is not resharded after forward, so it is still gathered at backward
     # start; under PP no block is resharded after forward.
-    block_numel = sum(local_numel(s, r, t, 1) for s, r in _block_params(a))
-    root_numel = sum(local_numel(s, r, t, 1) for st in stages for s, r, _ in _root_params(a, st.first, st.last))
+    block_numel = sum(local_numel(s, r, t, 1) for s, r in block_params(a))
+    root_numel = sum(local_numel(s, r, t, 1) for st in stages for s, r, _ in root_params(a, st.first, st.last))
     param_bytes_compute = BYTES[lay.param_dtype]
     unsharded = 0
     if lay.fsdp:
@@ -359,7 +359,7 @@ def rank_memory(lay: Layout, pp_rank: int = 0) -> RankMemory:
         if lay.pp > 1:
             phases["embedding gradient"] = static + grads_in_flight + table + table // t
         else:  # the root unit is gathered again, with its unsharded gradients
-            root_sharded = FP32 * sum(local_numel(s, r, t, lay.dp_shard) for s, r, _ in _root_params(a, True, stages[0].last))
+            root_sharded = FP32 * sum(local_numel(s, r, t, lay.dp_shard) for s, r, _ in root_params(a, True, stages[0].last))
             phases["embedding gradient"] = (params + optim + buffers + communication + grads - root_sharded
                                             + root_numel * (param_bytes_compute + BYTES[lay.reduce_dtype]) + table)
     phases["optimizer step"] = params + grads + optim + buffers + communication + params

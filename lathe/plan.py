@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from lathe import config as config_lib
 from lathe.config import Config
 from lathe.errors import ConfigError
-from lathe.memory_model import Layout, _block_params, _root_params, local_numel, rank_memory, stage_layout
+from lathe.memory_model import Layout, block_params, root_params, local_numel, rank_memory, stage_layout
 from lathe.models.llama import flops_per_token
 
 GIB = 2**30
@@ -126,8 +126,7 @@ def step_cost(lay: Layout, global_batch: int, gpus_per_node: int, device) -> dic
     """Seconds of one optimizer step per GPU, by part (see the module doc)."""
     a = lay.args
     world = lay.world_size
-    dp = lay.dp_replicate * lay.dp_shard
-    non_embedding = sum(math.prod(s) for s, _ in _block_params(a)) * a.n_layers + a.dim + a.vocab_size * a.dim
+    non_embedding = sum(math.prod(s) for s, _ in block_params(a)) * a.n_layers + a.dim + a.vocab_size * a.dim
     fpt = flops_per_token(a, non_embedding, lay.seq_len)
     tokens = global_batch * lay.seq_len
     compute = fpt * tokens * (1 + recompute_fraction(lay)) / world / (device.peak_flops * COMPUTE_EFFICIENCY)
@@ -138,9 +137,9 @@ def step_cost(lay: Layout, global_batch: int, gpus_per_node: int, device) -> dic
         bubble = compute * (lay.pp - 1) / (micro * (v if v > 1 else 1))
     # bytes of this rank's parameters, TP-sharded (what an FSDP group gathers)
     stages = per_rank[0]
-    numel = sum(local_numel(s, r, lay.tp, 1) * st.blocks for st in stages for s, r in _block_params(a))
-    numel += sum(local_numel(s, r, lay.tp, 1) for st in stages for s, r, _ in _root_params(a, st.first, st.last))
-    micro_per_step = lay.accumulation * (1 if lay.pp > 1 else 1)
+    numel = sum(local_numel(s, r, lay.tp, 1) * st.blocks for st in stages for s, r in block_params(a))
+    numel += sum(local_numel(s, r, lay.tp, 1) for st in stages for s, r, _ in root_params(a, st.first, st.last))
+    micro_per_step = lay.accumulation  # data-parallel micro-batches (each split again by PP)
     fsdp = 0.0
     if lay.dp_shard > 1:
         link = _link(lay.dp_shard, lay.tp, gpus_per_node, device)
@@ -163,7 +162,6 @@ def step_cost(lay: Layout, global_batch: int, gpus_per_node: int, device) -> dic
         link = _link(lay.pp, world // lay.pp, gpus_per_node, device)
         hidden = micro_tokens * a.dim / lay.tp * lay.compute_bytes
         pp = 2 * micro_count * hidden * len(stages) / (link * 1e9 * COMM_EFFICIENCY)
-    del dp
     return {"compute": compute, "bubble": bubble, "fsdp": fsdp, "tp": tp, "pp": pp,
             "step": max(compute + bubble, fsdp) + tp + pp}
 
@@ -242,7 +240,7 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, device, global_batch: int,
     one = dataclasses.replace(cfg.parallelism, dp_replicate=1, dp_shard=1, tp=1, pp=1, cp=1)
     base = layout_from_config(dataclasses.replace(cfg, parallelism=one), ParallelDims.from_config(one, 1), vocab)
     a = base.args
-    non_embedding = sum(math.prod(s) for s, _ in _block_params(a)) * a.n_layers + a.dim + vocab * a.dim
+    non_embedding = sum(math.prod(s) for s, _ in block_params(a)) * a.n_layers + a.dim + vocab * a.dim
     fpt = flops_per_token(a, non_embedding, base.seq_len)
     budget = device.usable_bytes
     out = []
@@ -258,7 +256,7 @@ def plan(cfg: Config, nodes: int, gpus_per_node: int, device, global_batch: int,
 
 
 def format_table(cands: list[Candidate], top: int, cfg: Config, nodes: int, gpus_per_node: int, device,
-                 global_batch: int) -> str:
+                 global_batch: int, train_args: list[str] = ()) -> str:
     lines = [f"lathe plan: {cfg.model.name} {cfg.model.flavor} on {nodes} x {gpus_per_node} {device.name} "
              f"({device.memory_gib:g} GiB, {device.peak_flops / 1e12:.0f} TFLOP/s bf16), seq {cfg.training.seq_len}, "
              f"global batch {global_batch} sequences", f"{len(cands)} layouts fit; the fastest {min(top, len(cands))}:", ""]
@@ -272,8 +270,9 @@ def format_table(cands: list[Candidate], top: int, cfg: Config, nodes: int, gpus
                      f"{c.memory / GIB:>8.1f} {c.tokens_per_gpu:>10,.0f} {c.mfu:>5.1f}% {c.step_time:>8.3f}")
     lines += ["", "GiB/rank: what the device needs (analytic peak +10% model margin, allocator, CUDA context, NCCL)"]
     if cands:
-        lines += ["", "best: lathe train " + (f"--config {cfg.job.config_file} " if cfg.job.config_file else "")
-                  + " ".join(cands[0].overrides())]
+        import shlex
+
+        lines += ["", "best: lathe train " + " ".join(shlex.quote(x) for x in [*train_args, *cands[0].overrides()])]
     return "\n".join(lines)
 
 
@@ -319,11 +318,12 @@ def main(argv: list[str]) -> int:
     if ns.json:
         print(json.dumps({"nodes": ns.nodes, "gpus_per_node": ns.gpus_per_node, "device": device.name,
                           "global_batch": global_batch, "seq_len": cfg.training.seq_len, "layouts": [
-                              {"layout": c.name, "overrides": c.overrides(), "memory": c.memory,
+                              {"layout": c.name, "overrides": c.overrides(), "train_args": [*rest, *c.overrides()],
+                               "memory": c.memory,
                                "step_time": c.step_time, "tokens_per_second_per_gpu": c.tokens_per_gpu, "mfu": c.mfu,
                                "cost": c.parts} for c in cands]}, indent=1))
     else:
-        print(format_table(cands, ns.top, cfg, ns.nodes, ns.gpus_per_node, device, global_batch))
+        print(format_table(cands, ns.top, cfg, ns.nodes, ns.gpus_per_node, device, global_batch, rest))
     if not cands:
         print("no layout fits: more GPUs, a smaller global batch or sequence, or a larger device", flush=True)
         return 1
