@@ -29,6 +29,8 @@ commands:
   plot         loss curves of one or several runs as PNG/SVG (lathe plot --help)
   compare      are two runs the same? per-step differences, exit 1 if not (lathe compare --help)
   replay       rerun a run from its run.json manifest (lathe replay --help)
+  estimate     memory per rank of a config on N GPUs, measured on fake tensors (lathe estimate --help)
+  plan         rank the layouts of a config for a cluster by predicted speed (lathe plan --help)
   config-docs  print the config reference as Markdown (docs/config.md)
 """
 
@@ -54,6 +56,8 @@ def cmd_train(argv: list[str]) -> int:
     if print_config:
         print(config_lib.to_toml(cfg), end="")
         return 0
+    if cfg.memory_estimation.enabled:  # torchtitan's switch: estimate for $WORLD_SIZE ranks instead
+        return cmd_estimate([*argv, "--world-size", os.environ.get("WORLD_SIZE", "1")])
     setup_logging()
     from lathe import launch
     from lathe.checkpoint.preemption import Preempted
@@ -163,6 +167,26 @@ def cmd_config_docs(argv: list[str]) -> int:
     return 0
 
 
+def cmd_estimate(argv: list[str]) -> int:
+    """``lathe estimate [train options] --world-size N [--device NAME] [--json]`` (lathe/estimate.py)."""
+    from lathe.estimate import main as estimate_main
+
+    setup_logging()
+    logging.getLogger("lathe").setLevel(logging.WARNING)  # the report is the output
+    # torch's advice on a simulated run (sequential all-reduces of a 2-D grad norm) is noise here
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+    return estimate_main(argv)
+
+
+def cmd_plan(argv: list[str]) -> int:
+    """``lathe plan [train options] --nodes N --gpus-per-node G --device NAME [--json]`` (lathe/plan.py)."""
+    from lathe.plan import main as plan_main
+
+    setup_logging()
+    logging.getLogger("lathe").setLevel(logging.WARNING)
+    return plan_main(argv)
+
+
 def cmd_launch(argv: list[str]) -> int:
     """``lathe launch [torchrun options] -- [train options]`` (see lathe/launch.py)."""
     from lathe.launch import main as launch_main
@@ -240,7 +264,8 @@ def cmd_replay(argv: list[str]) -> int:
 
 COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "tokenizer": cmd_tokenizer,
             "data": cmd_data, "convert": cmd_convert, "seed-checkpoint": cmd_seed_checkpoint,
-            "config-docs": cmd_config_docs, "plot": cmd_plot, "compare": cmd_compare, "replay": cmd_replay}
+            "config-docs": cmd_config_docs, "plot": cmd_plot, "compare": cmd_compare, "replay": cmd_replay,
+            "estimate": cmd_estimate, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -273,8 +273,10 @@ class Comm:
 
 @dataclass
 class MemoryEstimation:
-    enabled: bool = opt(False, "estimate memory instead of training")
-    disable_fake_mode: bool = opt(False, "estimate with real tensors instead of fake ones")
+    enabled: bool = opt(False, "estimate memory per rank instead of training (what `lathe estimate` does)")
+    disable_fake_mode: bool = opt(False, "estimate with real tensors instead of fake ones (needs the memory)")
+    check: bool = opt(True, "log the analytic memory estimate at the start of training and the measured "
+                      "peak after step 2 (CPU: tracked tensors, CUDA: max_memory_allocated)")
 
 
 @dataclass
@@ -321,7 +323,6 @@ NOT_SUPPORTED_YET: dict[str, str] = {
     "float8.enable_float8_linear": "float8 training is not built yet",
     "experimental.enable_async_tensor_parallel": "async tensor parallel is not built yet",
     "experimental.enable_compiled_autograd": "compiled autograd is not built yet",
-    "memory_estimation.enabled": "the memory estimator is not built yet",
 }
 
 

@@ -35,6 +35,7 @@ from lathe.data import build_tokenizer, build_train_data, resolve_vocab_size
 from lathe.evaluation import Validator
 from lathe.guard import StepGuard, TrainingError  # noqa: F401 (lathe.trainer.TrainingError for callers)
 from lathe.manifest import RunManifest, exit_status
+from lathe.memcheck import MemoryCheck
 from lathe.metrics import MetricsProcessor, make_dist_reduce_fn
 from lathe.metrics.wandb_sink import optional_sinks
 from lathe import precision
@@ -78,6 +79,7 @@ class TrainResult:
     tokens: int = 0
     dump_folder: Path = Path(".")
     model_parts: list[nn.Module] = field(default_factory=list)  # trained (parallelized) parts
+    memory: dict = field(default_factory=dict)  # the memory check: predicted and measured peak (bytes)
 
     @property
     def model(self) -> nn.Module:
@@ -141,6 +143,18 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
     elif dims.ddp_only:
         apply_ddp(model, meshes.data_parallel)
     return model
+
+
+def build_model_parts(cfg: Config, model: nn.Module, reference: nn.Module, plan: PipelinePlan | None,
+                      dims: ParallelDims, meshes: Meshes) -> list[nn.Module]:
+    """This rank's model parts, parallelized, still on the meta device: the whole model, or (with
+    pipeline parallelism) one copy per stage this rank runs, holding only that stage's blocks."""
+    if plan is None:
+        parts, first_blocks = [model], [0]
+    else:
+        parts = [build_stage_module(reference, *plan.ranges[s], plan.num_stages, s) for s in plan.my_stages]
+        first_blocks = [plan.ranges[s][0] for s in plan.my_stages]
+    return [parallelize(part, cfg, dims, meshes, first) for part, first in zip(parts, first_blocks)]
 
 
 def _wait_for_async_embedding_output(model: nn.Module) -> None:
@@ -313,12 +327,7 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
 
     accum = config_lib.accumulation_steps(cfg, dp_degree)
     plan = pipeline_plan(cfg, args, dims, meshes, reference) if dims.pp > 1 else None
-    if plan is None:
-        parts, first_blocks = [model], [0]
-    else:  # one meta copy per stage this rank runs, holding only that stage's blocks
-        parts = [build_stage_module(reference, *plan.ranges[s], plan.num_stages, s) for s in plan.my_stages]
-        first_blocks = [plan.ranges[s][0] for s in plan.my_stages]
-    parts = [parallelize(part, cfg, dims, meshes, first) for part, first in zip(parts, first_blocks)]
+    parts = build_model_parts(cfg, model, reference, plan, dims, meshes)
     for part in parts:
         part.to_empty(device=device)
     init_model_parts(parts, reference, device, t.seed)
@@ -366,6 +375,8 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     metrics.tokens_seen = train_state.tokens_seen // dp_degree
     guard = StepGuard(t, device, train_state, windows_per_step=t.batch_size * accum * dp_degree,
                       log_event=metrics.log_event)
+    memory_check = MemoryCheck(cfg, dims, parts, optimizers, device, meshes.pp.get_local_rank() if meshes.pp else 0,
+                               args.vocab_size, t.steps, enabled=cfg.memory_estimation.check)
     step_fn = StepRunner(parts, pipeline, optimizers, schedules, data, metrics, device, accum, cfg, dims, cp,
                          pp_group=meshes.pp.get_group() if meshes.pp is not None else None, guard=guard)
     result = TrainResult(dump_folder=dump_folder, model_parts=parts)
@@ -391,7 +402,8 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
                 step += 1
                 if t.gc_freq and step % t.gc_freq == 0:
                     gc.collect(1)
-                loss = step_fn.run(step)
+                with memory_check.measuring(step):
+                    loss = step_fn.run(step)
                 if step_fn.verdict.rollback:  # reload the last checkpoint; its step is where we continue
                     with suspended(watchdog):
                         step = guard.rollback(checkpointer, step)
@@ -451,6 +463,7 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         if own_group:
             torch.distributed.destroy_process_group()
 
+    result.memory = memory_check.result
     result.losses = dict(zip(step_losses, torch.stack(list(step_losses.values())).tolist())) if step_losses else {}
     result.steps = train_state.step
     result.tokens = train_state.tokens_seen

@@ -154,7 +154,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     seq = x.shape[1]
     if cos.dim() == 2:  # the whole table: positions 0..seq-1
         cos, sin = cos[:seq], sin[:seq]
-    rotation = torch.complex(cos, sin)  # (seq or bs x seq, head_dim/2)
+    # float(): FSDP casts the tables it is handed to its compute dtype; torch.complex takes fp16/32/64 only
+    rotation = torch.complex(cos.float(), sin.float())  # (seq or bs x seq, head_dim/2)
     rotation = rotation.reshape(-1, seq, *([1] * (x.dim() - 3)), rotation.shape[-1])
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)

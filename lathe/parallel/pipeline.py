@@ -158,13 +158,16 @@ class PipelineRunner:
     """
 
     def __init__(self, plan: PipelinePlan, parts: list[nn.Module], device: torch.device, pp_group, loss_fn,
-                 accumulation: int = 1):
+                 accumulation: int = 1, stage_examples: list[dict] | None = None):
         self.plan = plan
         self.group = pp_group
         self.device = device
         self.accumulation = accumulation
-        self.stages = [PipelineStage(part, stage, plan.num_stages, device, group=pp_group)
-                       for part, stage in zip(parts, plan.my_stages)]
+        # stage_examples: per stage, PipelineStage's input_args/output_args, for a run that cannot
+        # exchange shapes with the other stages (lathe estimate); a training run infers them.
+        examples = stage_examples or [{} for _ in parts]
+        self.stages = [PipelineStage(part, stage, plan.num_stages, device, group=pp_group, **example)
+                       for part, stage, example in zip(parts, plan.my_stages, examples)]
         self.has_first = 0 in plan.my_stages
         self.has_last = plan.num_stages - 1 in plan.my_stages
         schedule_arg = self.stages if is_multi_stage(plan.schedule_cls) else self.stages[0]

@@ -8,7 +8,7 @@ import torch
 
 from lathe.models import MODELS
 from lathe.models.hf_llama import from_hf, hf_config, to_hf
-from lathe.models.llama import ModelArgs, Transformer, flops_per_token, num_params, rope_frequencies
+from lathe.models.llama import ModelArgs, Transformer, apply_rope, flops_per_token, num_params, rope_frequencies, rope_tables
 
 # (family, flavor, vocab, FFN hidden, parameter count as printed in the facts file, its precision)
 FACTS = [
@@ -92,6 +92,19 @@ def test_flops_per_token_formula():
     n = num_params(m, exclude_embedding=True)
     assert n == num_params(m) - 128256 * 4096
     assert flops_per_token(args, n, 8192) == 6 * n + 12 * 32 * 32 * 128 * 8192
+
+
+def test_rope_takes_half_precision_tables():
+    """FSDP casts the cos/sin tables a block is handed to its compute dtype (bf16): the rotation
+    still runs, in float32, on the rounded tables (per-token rows, as context parallel passes, too)."""
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, max_seq_len=16)
+    cos, sin = rope_tables(args, torch.device("cpu"))
+    x = torch.randn(2, 16, 4, 16)
+    half = apply_rope(x, cos.bfloat16(), sin.bfloat16())
+    torch.testing.assert_close(half, apply_rope(x, cos.bfloat16().float(), sin.bfloat16().float()), rtol=0, atol=0)
+    positions = torch.arange(16).flip(0).expand(2, 16)
+    rows = apply_rope(x, cos.bfloat16()[positions], sin.bfloat16()[positions])
+    assert rows.dtype == x.dtype and torch.isfinite(rows).all()
 
 
 def test_rope_llama31_scaling_keeps_high_and_scales_low_frequencies():
