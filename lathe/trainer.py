@@ -36,10 +36,10 @@ from lathe.evaluation import Validator
 from lathe.metrics import MetricsProcessor, make_dist_reduce_fn
 from lathe.models import MODELS
 from lathe.models.llama import ModelArgs, flops_per_token, num_params
-from lathe.optim import LRSchedules, Optimizers
-from lathe.parallel import distributed
+from lathe.optim import LRSchedules, build_optimizers
+from lathe.parallel import async_tp, distributed
 from lathe.parallel.checkpointing import apply_ac
-from lathe.parallel.compile import apply_compile
+from lathe.parallel.compile import apply_compile, compiled_autograd
 from lathe.parallel.dims import Meshes, ParallelDims
 from lathe.parallel.fsdp import apply_ddp, apply_fsdp, set_gradient_sync
 from lathe.parallel.init import init_model_parts
@@ -51,6 +51,7 @@ from lathe.parallel.pipeline import (
     build_stage_module,
     is_v_shaped,
     layer_ranges_from_split_points,
+    read_schedule_csv,
     schedule_class,
     stage_ids,
     stages_per_rank,
@@ -58,6 +59,7 @@ from lathe.parallel.pipeline import (
 from lathe.parallel.tensor import apply_tp
 from lathe.parallel.watchdog import Watchdog
 from lathe.profiling import maybe_memory_snapshot, maybe_profile
+from lathe.quant import float8
 from lathe.runlock import RunLock, check_writable
 
 logger = logging.getLogger("lathe")
@@ -119,7 +121,9 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
     ``model`` is the whole model, or one pipeline stage whose first block is the
     ``first_block_index``-th block of the model."""
     if dims.tp_enabled:
-        apply_tp(model, meshes.tp, loss_parallel=dims.loss_parallel)
+        apply_tp(model, meshes.tp, loss_parallel=dims.loss_parallel, float8_styles=float8.tp_styles(cfg, meshes.tp.device_type))
+        if cfg.experimental.enable_async_tensor_parallel:
+            async_tp.enable()
     ac = cfg.activation_checkpoint
     apply_ac(model, ac.mode, ac.selective_ac_option, first_block_index)
     if cfg.training.compile:
@@ -128,7 +132,8 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
         apply_compile(model, backend=cfg.training.compile_backend)
     if dims.fsdp_enabled:
         apply_fsdp(model, meshes.data_parallel, DTYPES[cfg.training.mixed_precision_param],
-                   DTYPES[cfg.training.mixed_precision_reduce], pipeline_parallel=dims.pp > 1)
+                   DTYPES[cfg.training.mixed_precision_reduce], pipeline_parallel=dims.pp > 1,
+                   cpu_offload=cfg.training.enable_cpu_offload)
     elif dims.ddp_only:
         apply_ddp(model, meshes.data_parallel)
     return model
@@ -280,6 +285,8 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     is_logging_rank = distributed.rank() == 0
     if is_logging_rank:
         write_run_config(cfg, dump_folder)
+        if cfg.job.print_args:
+            logger.info("resolved config:\n%s", config_lib.to_toml(cfg))
     logger.info("starting job: %s", cfg.job.description)
     if t.gc_freq:
         gc.disable()  # collect on our schedule, the same step on every rank
@@ -305,6 +312,7 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     args = model_args(cfg, resolve_vocab_size(cfg, tokenizer))
     with torch.device("meta"):
         model = MODELS[cfg.model.name].build(args)
+    model = float8.convert(model, cfg, tp=dims.tp, fsdp_enabled=dims.fsdp_enabled)  # converters: before parallelizing
     reference = copy.deepcopy(model)  # unparallelized, on meta: the source of initial weights
     n_params = num_params(model)
     flops = flops_per_token(args, num_params(model, exclude_embedding=True), t.seq_len)
@@ -319,8 +327,8 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         parts = [build_stage_module(reference, *plan.ranges[s], plan.num_stages, s) for s in plan.my_stages]
         first_blocks = [plan.ranges[s][0] for s in plan.my_stages]
     parts = [parallelize(part, cfg, dims, meshes, first) for part, first in zip(parts, first_blocks)]
-    for part in parts:
-        part.to_empty(device=device)
+    for part in parts:  # FSDP CPU offload: the (sharded) parameters live in host memory
+        part.to_empty(device="cpu" if t.enable_cpu_offload else device)
     init_model_parts(parts, reference, device, t.seed)
     pipeline = stage_timer = None
     if plan is not None:
@@ -329,7 +337,8 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         if cfg.parallelism.pp_stage_timing:
             stage_timer = StageTimer(parts, device)
 
-    optimizers = Optimizers(parts, cfg.optimizer)
+    optimizers = build_optimizers(parts, cfg.optimizer)
+    float8.register_precompute(optimizers, parts, cfg, dims.fsdp_enabled)
     schedules = LRSchedules(optimizers, t.steps, cfg.lr_scheduler)
     train_state = TrainState()
     checkpointer = CheckpointManager(cfg.checkpoint, dump_folder, parts, optimizers, schedules, data,
@@ -474,6 +483,8 @@ class StepRunner:
             else contextlib.nullcontext
         # Loss parallel: cross-entropy on vocabulary-sharded logits; forward and backward inside it.
         self.loss_context = loss_parallel if dims.loss_parallel else contextlib.nullcontext
+        self.backward_context = lambda: compiled_autograd(cfg.experimental.enable_compiled_autograd,
+                                                          cfg.training.compile_backend)
         self.ntokens, self.lr, self.grad_norm = 0, 0.0, None
 
     def run(self, step: int) -> torch.Tensor:
@@ -490,7 +501,10 @@ class StepRunner:
             labels = labels.to(self.device, non_blocking=True)
             self.ntokens += labels.numel()
             loss += self.forward_backward(inputs, labels)
-        self.grad_norm = clip_grad_norm(self.parts, self.max_norm, self.pp_group)
+        if self.optimizers.steps_in_backward:  # already stepped; nothing to clip
+            self.grad_norm = self.optimizers.take_grad_norm().to(self.device)
+        else:
+            self.grad_norm = clip_grad_norm(self.parts, self.max_norm, self.pp_group)
         self.lr = self.optimizers.lr
         self.optimizers.step()
         self.schedules.step()
@@ -507,7 +521,7 @@ class StepRunner:
             # the schedule runs forward and backward of every pipeline micro-batch of this batch
             with self.loss_context(), self.autocast():
                 return self.pipeline.step(inputs, labels)
-        with self.loss_context():
+        with self.loss_context(), self.backward_context():
             with self.autocast():
                 logits = self.parts[0](inputs)
                 loss = cross_entropy(logits, labels) / self.accum
@@ -522,8 +536,12 @@ def pipeline_plan(cfg: Config, args: ModelArgs, dims: ParallelDims, meshes: Mesh
                   reference: nn.Module) -> PipelinePlan:
     """Which stages exist, which blocks each holds, which this rank runs, how many micro-batches."""
     p = cfg.parallelism
-    cls = schedule_class(p.pp_schedule)
-    num_stages = (len(p.pp_split_points) + 1) if p.pp_split_points else dims.pp * stages_per_rank(cls, p.pp_stages_per_rank)
+    from_csv = read_schedule_csv(p.pp_schedule_csv, dims.pp) if p.pp_schedule_csv else None
+    if from_csv is not None:  # the file decides the stages, their ranks and the micro-batches
+        cls, num_stages = from_csv.schedule_cls, from_csv.num_stages
+    else:
+        cls = schedule_class(p.pp_schedule)
+        num_stages = (len(p.pp_split_points) + 1) if p.pp_split_points else dims.pp * stages_per_rank(cls, p.pp_stages_per_rank)
     if p.pp_split_points:
         ranges = layer_ranges_from_split_points(p.pp_split_points, args.n_layers, num_stages)
     else:
@@ -534,8 +552,12 @@ def pipeline_plan(cfg: Config, args: ModelArgs, dims: ParallelDims, meshes: Mesh
         block = 6 * block_params + flops_per_token(args, 0, cfg.training.seq_len) / args.n_layers
         table = args.vocab_size * args.dim
         ranges = balanced_layer_ranges(block, args.n_layers, num_stages, first_extra=2 * table, last_extra=6 * table)
-    mine = stage_ids(meshes.pp.get_local_rank(), dims.pp, num_stages, is_v_shaped(cls))
-    microbatches = p.pp_microbatches or num_stages
+    if from_csv is not None:
+        mine = from_csv.stages_by_rank[meshes.pp.get_local_rank()]
+        microbatches = from_csv.microbatches
+    else:
+        mine = stage_ids(meshes.pp.get_local_rank(), dims.pp, num_stages, is_v_shaped(cls))
+        microbatches = p.pp_microbatches or num_stages
     logger.info("pipeline: %s, %d stages (blocks %s), this rank runs stages %s, %d micro-batches",
                 cls.__name__, num_stages, ", ".join(f"{a}-{b - 1}" for a, b in ranges), mine, microbatches)
-    return PipelinePlan(cls, num_stages, mine, ranges, microbatches)
+    return PipelinePlan(cls, num_stages, mine, ranges, microbatches, p.pp_schedule_csv)

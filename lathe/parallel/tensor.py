@@ -32,7 +32,9 @@ from torch.distributed.tensor.parallel import (
 logger = logging.getLogger("lathe")
 
 
-def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool) -> None:
+def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool, float8_styles: dict | None = None) -> None:
+    """``float8_styles``: torchao's float8 variants of the block styles (lathe.quant.float8.tp_styles),
+    used for the linears that were converted to float8, or None."""
     top_plan = {}
     if model.tok_embeddings is not None:
         # Vocabulary-sharded table; output reduce-scattered straight into sequence shards.
@@ -47,25 +49,39 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool) -> None:
         )
     parallelize_module(model, mesh, top_plan)
 
-    block_plan = {
+    for block in model.layers.values():
+        parallelize_module(block, mesh, _block_plan(block, float8_styles))
+    logger.info("applied %stensor parallel over %d ranks (sequence parallel, loss parallel %s)",
+                "float8 " if float8_styles else "", mesh.size(), "on" if loss_parallel else "off")
+
+
+def _block_plan(block: nn.Module, float8_styles: dict | None) -> dict:
+    def styles(*linears: str) -> tuple:
+        """(colwise, rowwise, prepare-input) classes for these linears: the float8 ones only when
+        every linear that reads the same input is float8 (it is all-gathered once, in float8)."""
+        if float8_styles and all(float8_styles["is_float8"](block.get_submodule(n)) for n in linears):
+            return float8_styles["colwise"], float8_styles["rowwise"], float8_styles["prepare_input"]
+        return ColwiseParallel, RowwiseParallel, PrepareModuleInput
+
+    qkv_col, _, attn_prepare = styles("attention.wq", "attention.wk", "attention.wv")
+    _, wo_row, _ = styles("attention.wo")
+    w13_col, _, ffn_prepare = styles("feed_forward.w1", "feed_forward.w3")
+    _, w2_row, _ = styles("feed_forward.w2")
+    return {
         "attention_norm": SequenceParallel(),
         # (hidden, rope_cos, rope_sin): gather the sequence shards; leave the RoPE tables alone
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                        desired_input_layouts=(Replicate(), None, None)),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "attention": attn_prepare(input_layouts=(Shard(1), None, None),
+                                  desired_input_layouts=(Replicate(), None, None)),
+        "attention.wq": qkv_col(),
+        "attention.wk": qkv_col(),
+        "attention.wv": qkv_col(),
+        "attention.wo": wo_row(output_layouts=Shard(1)),
         "ffn_norm": SequenceParallel(),
-        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward": ffn_prepare(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "feed_forward.w1": w13_col(),
+        "feed_forward.w2": w2_row(output_layouts=Shard(1)),
+        "feed_forward.w3": w13_col(),
     }
-    for block in model.layers.values():
-        parallelize_module(block, mesh, block_plan)
-    logger.info("applied tensor parallel over %d ranks (sequence parallel, loss parallel %s)",
-                mesh.size(), "on" if loss_parallel else "off")
 
 
 def check_tp_divisibility(n_heads: int, n_kv_heads: int, seq_len: int, tp: int) -> str | None:
