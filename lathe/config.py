@@ -741,9 +741,11 @@ def _check_techniques(cfg: Config, world_size: int, dp_shard: int, cuda_availabl
     p = cfg.parallelism
     optim.check_config(cfg, accumulation_steps(cfg, p.dp_replicate * dp_shard))
     _require(not cfg.training.enable_cpu_offload or dp_shard > 1, "training.enable_cpu_offload", True,
-             "needs FSDP: it offloads FSDP's parameter shards", "set parallelism.dp_shard > 1 (launch several processes)")
-    _require(not (cfg.experimental.enable_compiled_autograd and world_size > 1), "experimental.enable_compiled_autograd",
-             True, "works on one process only (torch 2.13's compiled autograd cannot trace FSDP2's gradient hooks "
+             "needs FSDP: it offloads FSDP's parameter shards",
+             "set parallelism.dp_shard > 1 (launch several processes)")
+    _require(not (cfg.experimental.enable_compiled_autograd and world_size > 1),
+             "experimental.enable_compiled_autograd", True,
+             "works on one process only (torch 2.13's compiled autograd cannot trace FSDP2's gradient hooks "
              "and recompiles every step under tensor parallel)", "turn it off for parallel runs")
     _require(not p.pp_schedule_csv or p.pp > 1, "parallelism.pp_schedule_csv", p.pp_schedule_csv,
              "needs pipeline parallel", "set parallelism.pp > 1, or remove it")

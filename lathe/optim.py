@@ -200,7 +200,8 @@ def check_config(cfg: Config, accumulation: int) -> None:
     if cfg.training.max_norm > 0:
         logging.getLogger("lathe").warning(
             "optimizer.early_step_in_backward: gradients are not clipped (training.max_norm=%g is ignored): each "
-            "parameter is updated as soon as its gradient exists, before the global norm is known", cfg.training.max_norm)
+            "parameter is updated as soon as its gradient exists, before the global norm is known",
+            cfg.training.max_norm)
 
 
 class LRSchedules:

@@ -121,14 +121,15 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
     ``model`` is the whole model, or one pipeline stage whose first block is the
     ``first_block_index``-th block of the model."""
     if dims.tp_enabled:
-        apply_tp(model, meshes.tp, loss_parallel=dims.loss_parallel, float8_styles=float8.tp_styles(cfg, meshes.tp.device_type))
+        apply_tp(model, meshes.tp, loss_parallel=dims.loss_parallel,
+                 float8_styles=float8.tp_styles(cfg, meshes.tp.device_type))
         if cfg.experimental.enable_async_tensor_parallel:
             async_tp.enable()
+        if cfg.training.compile or cfg.model.norm_type == "fused_rmsnorm":
+            _wait_for_async_embedding_output(model)  # the first block's first op is compiled code
     ac = cfg.activation_checkpoint
     apply_ac(model, ac.mode, ac.selective_ac_option, first_block_index)
     if cfg.training.compile:
-        if dims.tp_enabled:
-            _wait_for_async_embedding_output(model)
         apply_compile(model, backend=cfg.training.compile_backend)
     if dims.fsdp_enabled:
         apply_fsdp(model, meshes.data_parallel, DTYPES[cfg.training.mixed_precision_param],
@@ -140,8 +141,9 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
 
 
 def _wait_for_async_embedding_output(model: nn.Module) -> None:
-    """TP + compile on torch 2.11-2.13: the TP embedding hands the first block an
-    AsyncCollectiveTensor, whose backward through a compiled block breaks (pytorch#180614).
+    """TP + compiled code (a compiled block, or the fused RMSNorm) on torch 2.11-2.13: the TP
+    embedding hands the first block an AsyncCollectiveTensor, which compiled code cannot take
+    (pytorch#180614).
     Materializing it in eager with an identity op that keeps autograd (``* 1``; ``.wait()`` would
     detach the embedding's gradient) avoids that."""
     from torch.distributed._functional_collectives import AsyncCollectiveTensor
@@ -541,7 +543,8 @@ def pipeline_plan(cfg: Config, args: ModelArgs, dims: ParallelDims, meshes: Mesh
         cls, num_stages = from_csv.schedule_cls, from_csv.num_stages
     else:
         cls = schedule_class(p.pp_schedule)
-        num_stages = (len(p.pp_split_points) + 1) if p.pp_split_points else dims.pp * stages_per_rank(cls, p.pp_stages_per_rank)
+        num_stages = ((len(p.pp_split_points) + 1) if p.pp_split_points
+                      else dims.pp * stages_per_rank(cls, p.pp_stages_per_rank))
     if p.pp_split_points:
         ranges = layer_ranges_from_split_points(p.pp_split_points, args.n_layers, num_stages)
     else:

@@ -101,7 +101,8 @@ def read_schedule_csv(path: str, pp: int) -> CsvSchedule:
     when it loads the file)."""
     key = "parallelism.pp_schedule_csv"
     if not Path(path).is_file():
-        raise ConfigError(key, "file not found", "point it at a CSV file with one row of actions per pipeline rank", path)
+        raise ConfigError(key, "file not found", "point it at a CSV file with one row of actions per pipeline rank",
+                          path)
     with open(path, newline="", encoding="utf-8") as f:
         rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
     if len(rows) != pp:
@@ -127,7 +128,8 @@ def read_schedule_csv(path: str, pp: int) -> CsvSchedule:
                 microbatches = max(microbatches, action.microbatch_index + 1)
     num_stages = len(owner)
     if sorted(owner) != list(range(num_stages)) or num_stages == 0:
-        raise ConfigError(key, f"stages must be numbered 0..N-1 without gaps (found {sorted(owner)})", "renumber them", path)
+        raise ConfigError(key, f"stages must be numbered 0..N-1 without gaps (found {sorted(owner)})",
+                          "renumber them", path)
     stages_by_rank = [sorted(s for s, r in owner.items() if r == rank) for rank in range(pp)]
     if any(not stages for stages in stages_by_rank):
         raise ConfigError(key, "every pipeline rank needs at least one stage", "give each row actions", path)

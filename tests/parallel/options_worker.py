@@ -29,13 +29,15 @@ def facts(parts) -> dict:
             if state is not None and out["offload_policy"] is None:
                 group = state()._fsdp_param_group
                 out["offload_policy"] = type(group.offload_policy).__name__ if group is not None else None
-        for p in part.parameters():
-            local = p.to_local() if isinstance(p, DTensor) else p
+        for name, p in part.named_parameters():
+            local = p._local_tensor if isinstance(p, DTensor) else p  # the stored shard itself, not a view
             out["param_devices"].add(local.device.type)
             out["grads_left"] += p.grad is not None
             if type(local).__name__ == "WeightWithDynamicFloat8CastTensor":
                 out["float8_all_gather_weights"] += 1
                 out["precomputed_scales"] += getattr(local, "_precomputed_scale", None) is not None
+            elif name.endswith("weight") and type(part.get_submodule(name.rsplit(".", 1)[0])).__name__ == "Float8Linear":
+                out.setdefault("float8_linears_without_float8_all_gather", []).append(name)
     out["param_devices"] = sorted(out["param_devices"])
     return out
 

@@ -80,10 +80,10 @@ FLOAT8_CASES = [
 @pytest.mark.parametrize("layout,name,extra", FLOAT8_CASES, ids=[f"{a}_{b}" for a, b, _ in FLOAT8_CASES])
 def test_float8_tracks_the_bf16_run(tmp_path_factory, layout, name, extra):
     ref = bf16_run(layout, str(tmp_path_factory.getbasetemp()))
-    overrides = [*FLOAT8_STEPS, *LAYOUTS[layout], "--float8.enable_float8_linear", *extra]
-    if layout == "tp2":
-        overrides.remove("--training.autocast_dtype")
-        overrides.remove("bfloat16")  # the float8 matmuls are the low-precision part; the rest stays fp32
+    layout_args = LAYOUTS[layout]
+    if layout == "tp2":  # the float8 matmuls are the low-precision part; the rest stays fp32
+        layout_args = [a for a in layout_args if a not in ("--training.autocast_dtype", "bfloat16")]
+    overrides = [*FLOAT8_STEPS, *layout_args, "--float8.enable_float8_linear", *extra]
     got = run(2, overrides, tmp_path_factory.mktemp(f"{layout}_{name}"))
     assert got["facts"]["float8_linears"] == FLOAT8_LINEARS
     all_gather = "--float8.enable_fsdp_float8_all_gather" in extra
