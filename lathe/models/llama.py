@@ -98,10 +98,17 @@ def build_norm(norm_type: str, dim: int, eps: float) -> nn.Module:
 class FusedRMSNorm(RMSNorm):
     """RMSNorm as one fused kernel: the same math (float32, cast back, times the weight) through
     PyTorch's ``rms_norm``, compiled by torch.compile into a single kernel for forward and one for
-    backward, instead of the ~6 elementwise and reduction kernels of eager mode."""
+    backward, instead of the ~6 elementwise and reduction kernels of eager mode.
+
+    ``kernel(x, weight, eps)`` is an attribute so that parallelism can wrap it from outside (tensor
+    parallel runs it on each rank's sequence shard)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__(dim, eps)
+        self.kernel = _fused_rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _fused_rms_norm(x, self.weight, self.eps)
+        return self.kernel(x, self.weight, self.eps)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -20,7 +20,8 @@ import logging
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.experimental import local_map
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -28,6 +29,8 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+
+from lathe.models.llama import FusedRMSNorm
 
 logger = logging.getLogger("lathe")
 
@@ -51,8 +54,21 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool, float8_sty
 
     for block in model.layers.values():
         parallelize_module(block, mesh, _block_plan(block, float8_styles))
+    _fused_norms_on_shards(model, mesh)
     logger.info("applied %stensor parallel over %d ranks (sequence parallel, loss parallel %s)",
                 "float8 " if float8_styles else "", mesh.size(), "on" if loss_parallel else "off")
+
+
+def _fused_norms_on_shards(model: nn.Module, mesh: DeviceMesh) -> None:
+    """A fused norm (``model.norm_type = fused_rmsnorm``) under sequence parallel: normalizing over
+    the hidden dimension needs no communication, so its compiled kernel runs on each rank's plain
+    sequence shard (DTensor would otherwise trace its own redistributions into the kernel). The
+    weight's gradient from one shard is a partial sum over that shard's tokens."""
+    for module in model.modules():
+        if isinstance(module, FusedRMSNorm):
+            module.kernel = local_map(module.kernel, out_placements=[Shard(1)],
+                                      in_placements=([Shard(1)], [Replicate()], None),
+                                      in_grad_placements=([Shard(1)], [Partial()], None), device_mesh=mesh)
 
 
 def _block_plan(block: nn.Module, float8_styles: dict | None) -> dict:

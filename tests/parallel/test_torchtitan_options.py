@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +30,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "unit"))
 from test_parity import COMMON, STEPS, launch, reference  # noqa: E402
 from test_torchtitan_configs import torchtitan_configs, write_toml  # noqa: E402
+from worker import load_result  # noqa: E402
 
 torchao = pytest.importorskip("torchao")
 
@@ -107,7 +110,13 @@ def test_torchtitan_405b_config_runs_on_cpu_with_its_float8_settings(tmp_path, e
     overrides = ["--config", str(path), "--model.flavor", "tiny", "--training.steps", "3", "--training.seq_len", "64",
                  *degrees, "--no-experimental.enable_async_tensor_parallel", "--no-training.compile",
                  "--training.dataset", "lathe_corpus", "--model.tokenizer_path", "", "--no-profiling.enable_profiling"]
-    got = run(nproc, overrides, tmp_path / "run")
+    folder = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=localhost:0", str(HERE / "options_worker.py"), *overrides, "--job.dump_folder", str(folder)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    got = {**load_result(folder), "facts": facts(folder)}
     cfg, _ = load_config(overrides)
     assert cfg.float8.enable_float8_linear and cfg.float8.enable_fsdp_float8_all_gather
     assert cfg.activation_checkpoint.mode == "full" and cfg.optimizer.lr == 8e-5
