@@ -47,7 +47,7 @@ def main() -> None:
     result = train(cfg)
     folder = Path(cfg.job.dump_folder)
     rank = distributed.rank()
-    (folder / f"facts_rank{rank}.json").write_text(json.dumps(facts(result.model_parts)))
+    (folder / f"facts_rank{rank}.json").write_text(json.dumps({**facts(result.model_parts), "steps": result.steps}))
     params = {}
     for part in result.model_parts:
         params.update(get_model_state_dict(part, options=StateDictOptions(full_state_dict=True)))

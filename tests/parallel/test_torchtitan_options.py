@@ -123,7 +123,7 @@ def test_torchtitan_405b_config_runs_on_cpu_with_its_float8_settings(tmp_path, e
     f = got["facts"]
     assert f["float8_linears"] == FLOAT8_LINEARS
     assert f["float8_all_gather_weights"] == FLOAT8_LINEARS and f["precomputed_scales"] == FLOAT8_LINEARS
-    assert sorted(got["losses"]) == [1, 2, 3] and all(8 < v < 9 for v in got["losses"].values())
+    assert f["steps"] == 3 and 8 < got["losses"][1] < 9  # the file logs every 10 steps (and step 1)
 
 
 # ---------------------------------------------------------------------------------------------
