@@ -52,11 +52,18 @@ INSTALL_HINT = "pip install 'lathe[float8]' (torchao)"
 
 
 def _torchao_float8():
+    # torchao's import logs a warning for each of its compiled extensions it cannot load (CUDA
+    # kernels for other formats, e.g. mxfp8; absent on CPU builds). float8 training uses none of them.
+    ao_logger = logging.getLogger("torchao")
+    level = ao_logger.level
+    ao_logger.setLevel(logging.ERROR)
     try:
         import torchao.float8 as ao_float8
     except ImportError:
         raise ConfigError("float8.enable_float8_linear", "needs the torchao package, which is not installed",
                           INSTALL_HINT, True) from None
+    finally:
+        ao_logger.setLevel(level)
     return ao_float8
 
 

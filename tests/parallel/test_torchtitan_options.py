@@ -34,7 +34,7 @@ from worker import load_result  # noqa: E402
 
 torchao = pytest.importorskip("torchao")
 
-FLOAT8_TOLERANCE = 5e-3  # relative, per step (measured: <= 1.1e-3; see tests/unit/test_float8.py)
+FLOAT8_TOLERANCE = 5e-3  # relative, per step (measured here: <= 7.3e-4; see tests/unit/test_float8.py)
 FLOAT8_STEPS = ["--training.steps", "20", "--training.seq_len", "64", "--optimizer.lr", "3e-3",
                 "--no-validation.enabled", "--training.mixed_precision_param", "bfloat16"]
 # tiny Llama: 4 blocks x 7 linears become float8; the output layer stays
