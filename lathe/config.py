@@ -50,6 +50,7 @@ class Job:
     description: str = opt("lathe training run", "free text logged at the start of the run")
     use_for_integration_test: bool = opt(
         False, "torchtitan compatibility: marks configs its integration runner uses; no effect")
+    print_args: bool = opt(False, "log the resolved config (as TOML) at the start of the run")
 
 
 @dataclass
@@ -95,6 +96,9 @@ class Optimizer:
         False, "exempt norm weights, biases and embeddings from weight decay")
     fused: bool = opt(False, "use the fused implementation (CUDA only)")
     foreach: bool = opt(True, "use the multi-tensor (foreach) implementation when not fused")
+    early_step_in_backward: bool = opt(
+        False, "update each parameter during backward as soon as its gradient is ready, then free the "
+               "gradient (less memory; no gradient clipping, no accumulation, no pipeline parallel)")
 
 
 @dataclass
@@ -137,6 +141,7 @@ class Training:
         "auto", "FSDP parameter dtype for compute; auto = bfloat16 on GPUs and on CPUs with native bf16 "
         "matmuls, else float32 (lathe/precision.py)", ("auto", *DTYPES[:2]))
     mixed_precision_reduce: str = opt("float32", "FSDP gradient reduction dtype", DTYPES[:2])
+    enable_cpu_offload: bool = opt(False, "FSDP keeps parameters, gradients and the optimizer step on the CPU")
     compile: bool = opt(False, "torch.compile each transformer block")
     compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: fast to compile, for debugging)",
                                ("inductor", "aot_eager", "eager"))
@@ -183,6 +188,9 @@ class Parallelism:
     pp_stages_per_rank: int = opt(0, "pipeline stages per rank without split points; 0 = 1, or 2 for multi-stage schedules")
     pp_microbatches: int = opt(0, "pipeline micro-batches per batch; 0 = the number of stages")
     pp_stage_timing: bool = opt(False, "log how much of each step this rank's stages compute (shows the bubble)")
+    pp_schedule_csv: Optional[str] = opt(
+        None, "a pipeline schedule read from a CSV file (one row per rank of actions like 0F1, 1B0); "
+              "replaces pp_schedule, sets the stages per rank")
 
 
 @dataclass
@@ -219,10 +227,16 @@ class Checkpoint:
 
 @dataclass
 class Float8:
-    enable_float8_linear: bool = opt(False, "train nn.Linear layers in float8 (torchao)")
-    enable_fsdp_float8_all_gather: bool = opt(False, "all-gather float8 weights in FSDP")
-    precompute_float8_dynamic_scale_for_fsdp: bool = opt(False, "one all-reduce for all amaxes")
-    scaling_type_input: str = opt("dynamic", "float8 scaling of inputs", ("dynamic", "delayed"))
+    enable_float8_linear: bool = opt(False, "train nn.Linear layers in float8 (torchao; see docs/float8.md)")
+    recipe_name: str = opt("tensorwise", "float8 scaling recipe: one scale per tensor, per row, or per row with "
+                           "the weight gradient in high precision", ("tensorwise", "rowwise", "rowwise_with_gw_hp"))
+    filter_fqns: list = opt(["output"], "linear layers kept in high precision: names or name parts "
+                            "(e.g. output, layers.0, w2); layers with a dimension not divisible by 16 always are")
+    enable_fsdp_float8_all_gather: bool = opt(False, "FSDP all-gathers weights in float8 (tensorwise recipe)")
+    precompute_float8_dynamic_scale_for_fsdp: bool = opt(
+        False, "with float8 all-gather: compute all weight scales in one all-reduce after the optimizer step")
+    scaling_type_input: str = opt("dynamic", "float8 scaling of inputs (delayed: removed from torchao)",
+                                  ("dynamic", "delayed"))
     scaling_type_weight: str = opt("dynamic", "float8 scaling of weights", ("dynamic", "delayed"))
     scaling_type_grad_output: str = opt("dynamic", "float8 scaling of output gradients",
                                         ("dynamic", "delayed"))
@@ -230,8 +244,10 @@ class Float8:
 
 @dataclass
 class Experimental:
-    enable_async_tensor_parallel: bool = opt(False, "overlap TP communication (needs compile)")
-    enable_compiled_autograd: bool = opt(False, "compile the backward pass with compiled autograd")
+    enable_async_tensor_parallel: bool = opt(
+        False, "overlap TP communication with compute (CUDA only; needs training.compile and tp > 1)")
+    enable_compiled_autograd: bool = opt(
+        False, "capture and compile the whole backward pass (compiled autograd; uses training.compile_backend)")
 
 
 @dataclass
@@ -314,15 +330,18 @@ ALIASES: dict[str, str] = {
     "experimental.pipeline_parallel_microbatches": "parallelism.pp_microbatches",
     "experimental.context_parallel_degree": "parallelism.cp",
     "experimental.context_parallel_rotate_method": "parallelism.cp_rotate_method",
+    "experimental.pipeline_parallel_schedule_csv": "parallelism.pp_schedule_csv",
+}
+
+# torchtitan (late 2024) boolean keys that are the negation of a lathe option.
+INVERTED_ALIASES: dict[str, str] = {
+    "metrics.disable_color_printing": "metrics.enable_color_printing",
+    "training.disable_loss_parallel": "parallelism.loss_parallel",
 }
 
 # Options whose feature is not built yet: a non-default value is refused, never ignored.
 # Each entry says which lathe issue brings it.
 NOT_SUPPORTED_YET: dict[str, str] = {
-    "model.norm_type=fused_rmsnorm": "use model.norm_type rmsnorm (the Triton fused kernel is not built)",
-    "float8.enable_float8_linear": "float8 training is not built yet",
-    "experimental.enable_async_tensor_parallel": "async tensor parallel is not built yet",
-    "experimental.enable_compiled_autograd": "compiled autograd is not built yet",
 }
 
 
@@ -359,7 +378,8 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     name = key.split(".", 1)[-1]
     close = [k for k in _OPTIONS if k.split(".", 1)[1] == name][:1]
     if not close:
-        close = difflib.get_close_matches(key, list(_OPTIONS) + list(ALIASES), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(key, list(_OPTIONS) + list(ALIASES) + list(INVERTED_ALIASES), n=1,
+                                          cutoff=0.6)
     fix = f"did you mean '{close[0]}'?" if close else "see `lathe train --help` for every option"
     return ConfigError(key, f"unknown option in {where}", fix)
 
@@ -426,6 +446,24 @@ def _canonical(key: str) -> str:
     return ALIASES.get(key, key)
 
 
+def _known(key: str) -> bool:
+    return key in _OPTIONS or key in INVERTED_ALIASES
+
+
+def _set_value(cfg: Config, key: str, raw: Any, from_cli: bool) -> None:
+    """Coerce ``raw`` for ``key`` and set it; an inverted torchtitan key sets its lathe option to
+    the opposite (``training.disable_loss_parallel = true`` -> ``parallelism.loss_parallel = false``)."""
+    if key in INVERTED_ALIASES:
+        target = INVERTED_ALIASES[key]
+        try:
+            value = _coerce(target, raw, from_cli)
+        except ConfigError:
+            raise ConfigError(key, "expected true or false", f"e.g. --{key} true", raw) from None
+        _set(cfg, target, not value)
+        return
+    _set(cfg, key, _coerce(key, raw, from_cli))
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -460,7 +498,7 @@ def _toml_items(data: dict[str, Any], path: str) -> list[tuple[str, Any]]:
             raise ConfigError(f"[{section}]", f"unknown section in {path}", fix)
         for name, value in table.items():
             key = f"{section}.{name}"
-            if _canonical(key) not in _OPTIONS:
+            if not _known(_canonical(key)):
                 raise _unknown_key(key, path)
             items.append((_canonical(key), value))
     return items
@@ -490,9 +528,9 @@ def _parse_cli(argv: list[str]) -> tuple[list[tuple[str, str | bool]], Optional[
         if "." not in key:
             raise _unknown_key(key, "the command line")
         canonical = _canonical(key)
-        if canonical not in _OPTIONS:
+        if not _known(canonical):
             raise _unknown_key(key, "the command line")
-        is_bool = _base_type(_OPTIONS[canonical][0]) is bool
+        is_bool = canonical in INVERTED_ALIASES or _base_type(_OPTIONS[canonical][0]) is bool
         if negated:
             if not is_bool or eq:
                 raise ConfigError(arg, "--no- works only with boolean options", f"use --{key} VALUE")
@@ -531,9 +569,9 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, bool]:
     cfg = Config()
     if config_file:
         for key, value in _toml_items(_read_toml(config_file), config_file):
-            _set(cfg, key, _coerce(key, value, from_cli=False))
+            _set_value(cfg, key, value, from_cli=False)
     for key, raw in overrides:
-        _set(cfg, key, _coerce(key, raw, from_cli=True))
+        _set_value(cfg, key, raw, from_cli=True)
     check_not_supported(cfg)
     return cfg, print_config
 
@@ -591,7 +629,8 @@ def help_text() -> str:
         extra = f" {{{','.join(map(str, choices))}}}" if choices else ""
         out.append(f"  --{key}{extra}  (default: {default!r})")
         out.append(f"        {f.metadata['help']}")
-    out += ["", "torchtitan names also accepted: " + ", ".join(f"{a} -> {c}" for a, c in ALIASES.items())]
+    out += ["", "torchtitan names also accepted: " + ", ".join(f"{a} -> {c}" for a, c in ALIASES.items())
+            + ", " + ", ".join(f"{a} -> not {c}" for a, c in INVERTED_ALIASES.items())]
     return "\n".join(out)
 
 
@@ -613,6 +652,7 @@ def markdown_reference() -> str:
     out += ["", "## torchtitan names", "", "Config files written for torchtitan's late-2024 schema load unchanged;",
             "these keys are read as their lathe equivalents:", "", "| torchtitan | lathe |", "|---|---|"]
     out += [f"| `{a}` | `{c}` |" for a, c in ALIASES.items()]
+    out += [f"| `{a}` | the opposite of `{c}` |" for a, c in INVERTED_ALIASES.items()]
     out += ["", "## Not supported yet", "", "These options exist so that such files parse, but setting them",
             "to a non-default value stops the run with a clear message:", ""]
     out += [f"- `{k}`: {v}" for k, v in NOT_SUPPORTED_YET.items()]
@@ -624,7 +664,7 @@ def markdown_reference() -> str:
 
 # Dataset names (training.dataset). Besides these, a local path or a Hugging Face id ("org/name")
 # works; see lathe/data/sources.py and docs/data.md.
-DATASETS = ("lathe_corpus", "c4", "fineweb", "fineweb_edu", "local", "huggingface")
+DATASETS = ("lathe_corpus", "c4_test", "c4", "fineweb", "fineweb_edu", "local", "huggingface")
 
 
 def default_tokenizer_path() -> Path:
@@ -746,6 +786,28 @@ def validate(cfg: Config, world_size: int = 1, cuda_available: bool = False) -> 
         derived = t.global_batch_size // per_step
         _require(accum in (1, derived), "training.gradient_accumulation_steps", accum,
                  f"contradicts training.global_batch_size (which implies {derived})", "set only one of the two")
+    _check_techniques(cfg, world_size, dp_shard, cuda_available)
+
+
+def _check_techniques(cfg: Config, world_size: int, dp_shard: int, cuda_available: bool) -> None:
+    """Options of techniques applied from outside the model; each module checks its own."""
+    from lathe import optim
+    from lathe.parallel import async_tp
+    from lathe.quant import float8
+
+    float8.check_config(cfg, cuda_available)
+    async_tp.check_config(cfg, cuda_available)
+    p = cfg.parallelism
+    optim.check_config(cfg, accumulation_steps(cfg, p.dp_replicate * dp_shard))
+    _require(not cfg.training.enable_cpu_offload or dp_shard > 1, "training.enable_cpu_offload", True,
+             "needs FSDP: it offloads FSDP's parameter shards",
+             "set parallelism.dp_shard > 1 (launch several processes)")
+    _require(not (cfg.experimental.enable_compiled_autograd and world_size > 1),
+             "experimental.enable_compiled_autograd", True,
+             "works on one process only (torch 2.13's compiled autograd cannot trace FSDP2's gradient hooks "
+             "and recompiles every step under tensor parallel)", "turn it off for parallel runs")
+    _require(not p.pp_schedule_csv or p.pp > 1, "parallelism.pp_schedule_csv", p.pp_schedule_csv,
+             "needs pipeline parallel", "set parallelism.pp > 1, or remove it")
 
 
 def _check_policies_and_sinks(cfg: Config) -> None:
@@ -796,9 +858,12 @@ def _check_pipeline(cfg: Config, n_layers: int, dp_shard: int) -> None:
     from lathe.parallel import pipeline as pl  # late import: torch.distributed.pipelining
 
     p, t = cfg.parallelism, cfg.training
-    cls = pl.schedule_class(p.pp_schedule)
     _require(not (p.dp_replicate > 1 and dp_shard == 1), "parallelism.dp_replicate", p.dp_replicate,
              "DDP (replicate without shard) does not compose with pipeline parallel", "use FSDP or HSDP")
+    if p.pp_schedule_csv:
+        _check_pipeline_csv(cfg, n_layers)
+        return
+    cls = pl.schedule_class(p.pp_schedule)
     if p.pp_split_points:
         num_stages = len(p.pp_split_points) + 1
         pl.layer_ranges_from_split_points(p.pp_split_points, n_layers, num_stages)
@@ -830,6 +895,22 @@ def _check_pipeline(cfg: Config, n_layers: int, dp_shard: int) -> None:
     _require(t.batch_size % micro == 0, "parallelism.pp_microbatches", micro,
              f"training.batch_size {t.batch_size} does not split into {micro} micro-batches",
              "make batch_size a multiple of the micro-batch count")
+
+
+def _check_pipeline_csv(cfg: Config, n_layers: int) -> None:
+    from lathe.parallel import pipeline as pl
+
+    p, key = cfg.parallelism, "parallelism.pp_schedule_csv"
+    schedule = pl.read_schedule_csv(p.pp_schedule_csv, p.pp)
+    if p.pp_split_points:
+        pl.layer_ranges_from_split_points(p.pp_split_points, n_layers, schedule.num_stages)
+    _require(schedule.num_stages <= n_layers, key, p.pp_schedule_csv,
+             f"{schedule.num_stages} stages for {n_layers} blocks", "use fewer stages than blocks")
+    _require(p.pp_microbatches in (0, schedule.microbatches), "parallelism.pp_microbatches", p.pp_microbatches,
+             f"the schedule file uses {schedule.microbatches} micro-batches", "leave it at 0 (taken from the file)")
+    _require(cfg.training.batch_size % schedule.microbatches == 0, key, p.pp_schedule_csv,
+             f"training.batch_size {cfg.training.batch_size} does not split into its {schedule.microbatches} "
+             "micro-batches", "make batch_size a multiple of them")
 
 
 def accumulation_steps(cfg: Config, dp_degree: int) -> int:

@@ -201,7 +201,8 @@ def _estimate_rank(cfg: Config, dims, rank: int, pp_rank: int, vocab_size: int, 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lathe.models import MODELS
-    from lathe.optim import LRSchedules, Optimizers
+    from lathe.optim import LRSchedules, build_optimizers
+    from lathe.quant import float8
     from lathe.parallel.context import ContextParallel
     from lathe.parallel.pipeline import PipelineRunner
     from lathe.trainer import StepRunner, build_model_parts, cross_entropy, model_args, pipeline_plan
@@ -217,6 +218,7 @@ def _estimate_rank(cfg: Config, dims, rank: int, pp_rank: int, vocab_size: int, 
         args = model_args(cfg, vocab_size)
         with torch.device("meta"):
             model = MODELS[cfg.model.name].build(args)
+        model = float8.convert(model, cfg, tp=dims.tp, fsdp_enabled=dims.fsdp_enabled)  # as the trainer does
         reference = copy.deepcopy(model)
         accum = config_lib.accumulation_steps(cfg, dims.dp)
         with _quiet():
@@ -240,13 +242,13 @@ def _estimate_rank(cfg: Config, dims, rank: int, pp_rank: int, vocab_size: int, 
                                           accumulation=accum,
                                           stage_examples=stage_examples(plan, parts, cfg, args, dims, device))
                 _skip_shape_exchange(pipeline.schedule)
-            optimizers = Optimizers(parts, cfg.optimizer)
+            optimizers = build_optimizers(parts, cfg.optimizer)
             schedules = LRSchedules(optimizers, t.steps, cfg.lr_scheduler)
             data = _SyntheticBatches(t.batch_size, t.seq_len, vocab_size)
             cp = ContextParallel(meshes.cp, cfg.parallelism.cp_rotate_method, cfg.parallelism.cp_load_balance)
             runner = StepRunner(parts, pipeline, optimizers, schedules, data, _NoMetrics(), device, accum, cfg,
                                 dims, cp, pp_group=meshes.pp.get_group() if meshes.pp is not None else None)
-            tracker = MemoryTracker(parts, optimizers.optimizers)
+            tracker = MemoryTracker(parts, [o for x in optimizers.optimizers for o in (x if isinstance(x, list) else [x])])
             for step in range(1, steps + 1):
                 with tracker:
                     runner.run(step)

@@ -38,6 +38,12 @@ class MemoryCheck:
             return
         from lathe.memory_model import estimate_rank
 
+        if cfg.float8.enable_float8_linear or cfg.optimizer.early_step_in_backward:
+            logger.info("memory: no analytic estimate with %s (the model does not cover it yet; `lathe estimate` "
+                        "runs it on fake tensors)", "float8 training" if cfg.float8.enable_float8_linear
+                        else "the optimizer step in backward")
+            self.enabled = False
+            return
         try:
             self.predicted = estimate_rank(cfg, dims, vocab_size, pp_rank, device).peak
         except Exception as e:  # a layout the model does not cover must not stop training
@@ -47,14 +53,19 @@ class MemoryCheck:
             return
         self.tracker = None
         if device.type == "cpu":
-            if cfg.training.compile:  # a dispatch mode around compiled blocks would change what runs
+            # a dispatch mode around compiled code would change what runs (or stop it compiling)
+            compiled = [name for name, on in (("training.compile", cfg.training.compile),
+                                              ("model.norm_type fused_rmsnorm", cfg.model.norm_type == "fused_rmsnorm"),
+                                              ("experimental.enable_compiled_autograd",
+                                               cfg.experimental.enable_compiled_autograd)) if on]
+            if compiled:
                 logger.info("memory: the analytic model predicts %.3f GiB per rank for the eager run; not "
-                            "measured (compiled run on CPU)", self.predicted / GIB)
+                            "measured on CPU with compiled code (%s)", self.predicted / GIB, ", ".join(compiled))
                 self.enabled = False
                 return
             from lathe.memtrack import MemoryTracker
 
-            self.tracker = MemoryTracker(parts, optimizers.optimizers)
+            self.tracker = MemoryTracker(parts, [o for x in optimizers.optimizers for o in (x if isinstance(x, list) else [x])])
         logger.info("memory: the analytic model predicts a peak of %.3f GiB of tensors per rank (pipeline rank "
                     "%d); measured over the first %d steps", self.predicted / GIB, pp_rank, STEPS)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from lathe.models import MODELS
 from lathe.models.llama import ModelArgs
 
 FP32 = 4

@@ -42,10 +42,10 @@ from lathe import precision
 from lathe.models import MODELS, model_args_from_config, model_overrides
 from lathe.models.attention import model_inputs
 from lathe.models.llama import ModelArgs, flops_per_token, num_params
-from lathe.optim import LRSchedules, Optimizers
-from lathe.parallel import distributed
+from lathe.optim import LRSchedules, build_optimizers
+from lathe.parallel import async_tp, distributed
 from lathe.parallel.checkpointing import apply_ac
-from lathe.parallel.compile import apply_compile
+from lathe.parallel.compile import apply_compile, compiled_autograd
 from lathe.parallel.context import ContextParallel
 from lathe.parallel.dims import Meshes, ParallelDims
 from lathe.parallel.fsdp import apply_ddp, apply_fsdp, set_gradient_sync
@@ -58,6 +58,7 @@ from lathe.parallel.pipeline import (
     build_stage_module,
     is_v_shaped,
     layer_ranges_from_split_points,
+    read_schedule_csv,
     schedule_class,
     stage_ids,
     stages_per_rank,
@@ -65,6 +66,7 @@ from lathe.parallel.pipeline import (
 from lathe.parallel.tensor import apply_tp
 from lathe.parallel.watchdog import Watchdog
 from lathe.profiling import maybe_memory_snapshot, maybe_profile
+from lathe.quant import float8
 from lathe.runlock import RunLock, check_writable
 
 logger = logging.getLogger("lathe")
@@ -128,18 +130,22 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, meshes: Meshe
     ``model`` is the whole model, or one pipeline stage whose first block is the
     ``first_block_index``-th block of the model."""
     if dims.tp_enabled:
-        apply_tp(model, meshes.tp, loss_parallel=dims.loss_parallel)
+        apply_tp(model, meshes.tp, loss_parallel=dims.loss_parallel,
+                 float8_styles=float8.tp_styles(cfg, meshes.tp.device_type))
+        if cfg.experimental.enable_async_tensor_parallel:
+            async_tp.enable()
+        if cfg.training.compile or cfg.model.norm_type == "fused_rmsnorm":
+            _wait_for_async_embedding_output(model)  # the first block's first op is compiled code
     ac = cfg.activation_checkpoint
     apply_ac(model, ac.mode, ac.selective_ac_option, first_block_index)
     if cfg.training.compile:
-        if dims.tp_enabled:
-            _wait_for_async_embedding_output(model)
         apply_compile(model, backend=cfg.training.compile_backend)
     if dims.fsdp_enabled:
         param_dtype, _ = precision.param_dtype(cfg.training.mixed_precision_param,
                                                torch.device(meshes.data_parallel.device_type))
         apply_fsdp(model, meshes.data_parallel, param_dtype,
-                   DTYPES[cfg.training.mixed_precision_reduce], pipeline_parallel=dims.pp > 1)
+                   DTYPES[cfg.training.mixed_precision_reduce], pipeline_parallel=dims.pp > 1,
+                   cpu_offload=cfg.training.enable_cpu_offload)
     elif dims.ddp_only:
         apply_ddp(model, meshes.data_parallel)
     return model
@@ -158,8 +164,9 @@ def build_model_parts(cfg: Config, model: nn.Module, reference: nn.Module, plan:
 
 
 def _wait_for_async_embedding_output(model: nn.Module) -> None:
-    """TP + compile on torch 2.11-2.13: the TP embedding hands the first block an
-    AsyncCollectiveTensor, whose backward through a compiled block breaks (pytorch#180614).
+    """TP + compiled code (a compiled block, or the fused RMSNorm) on torch 2.11-2.13: the TP
+    embedding hands the first block an AsyncCollectiveTensor, which compiled code cannot take
+    (pytorch#180614).
     Materializing it in eager with an identity op that keeps autograd (``* 1``; ``.wait()`` would
     detach the embedding's gradient) avoids that."""
     from torch.distributed._functional_collectives import AsyncCollectiveTensor
@@ -289,6 +296,8 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     is_logging_rank = distributed.rank() == 0
     if is_logging_rank:
         write_run_config(cfg, dump_folder)
+        if cfg.job.print_args:
+            logger.info("resolved config:\n%s", config_lib.to_toml(cfg))
     logger.info("starting job: %s", cfg.job.description)
     if t.gc_freq:
         gc.disable()  # collect on our schedule, the same step on every rank
@@ -317,6 +326,7 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     args = model_args(cfg, resolve_vocab_size(cfg, tokenizer))
     with torch.device("meta"):
         model = MODELS[cfg.model.name].build(args)
+    model = float8.convert(model, cfg, tp=dims.tp, fsdp_enabled=dims.fsdp_enabled)  # converters: before parallelizing
     reference = copy.deepcopy(model)  # unparallelized, on meta: the source of initial weights
     n_params = num_params(model)
     flops = flops_per_token(args, num_params(model, exclude_embedding=True), t.seq_len)
@@ -328,8 +338,8 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     accum = config_lib.accumulation_steps(cfg, dp_degree)
     plan = pipeline_plan(cfg, args, dims, meshes, reference) if dims.pp > 1 else None
     parts = build_model_parts(cfg, model, reference, plan, dims, meshes)
-    for part in parts:
-        part.to_empty(device=device)
+    for part in parts:  # FSDP CPU offload: the (sharded) parameters live in host memory
+        part.to_empty(device="cpu" if t.enable_cpu_offload else device)
     init_model_parts(parts, reference, device, t.seed)
     pipeline = stage_timer = None
     if plan is not None:
@@ -338,7 +348,8 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         if cfg.parallelism.pp_stage_timing:
             stage_timer = StageTimer(parts, device)
 
-    optimizers = Optimizers(parts, cfg.optimizer)
+    optimizers = build_optimizers(parts, cfg.optimizer)
+    float8.register_precompute(optimizers, parts, cfg, dims.fsdp_enabled)
     schedules = LRSchedules(optimizers, t.steps, cfg.lr_scheduler)
     train_state = TrainState()
     checkpointer = CheckpointManager(cfg.checkpoint, dump_folder, parts, optimizers, schedules, data,
@@ -506,6 +517,8 @@ class StepRunner:
             else contextlib.nullcontext
         # Loss parallel: cross-entropy on vocabulary-sharded logits; forward and backward inside it.
         self.loss_context = loss_parallel if dims.loss_parallel else contextlib.nullcontext
+        self.backward_context = lambda: compiled_autograd(cfg.experimental.enable_compiled_autograd,
+                                                          cfg.training.compile_backend)
         self.ntokens, self.lr, self.grad_norm = 0, 0.0, None
 
     def run(self, step: int) -> torch.Tensor:
@@ -524,7 +537,10 @@ class StepRunner:
             inputs, labels, *ids = (x.to(self.device, non_blocking=True) for x in batch[:3])
             self.ntokens += labels.numel()
             loss += self.forward_backward(inputs, labels, model_inputs(ids[0] if ids else None, *self.attention))
-        self.grad_norm = clip_grad_norm(self.parts, self.max_norm, self.pp_group)
+        if self.optimizers.steps_in_backward:  # already stepped; nothing to clip
+            self.grad_norm = self.optimizers.take_grad_norm().to(self.device)
+        else:
+            self.grad_norm = clip_grad_norm(self.parts, self.max_norm, self.pp_group)
         self.lr = self.optimizers.lr
         # Every rank agrees whether this update happens (non-finite and spike policies, guard.py).
         self.verdict = self.guard.judge(step, loss, self.grad_norm, (first_window, self.data_iter.position)) \
@@ -550,7 +566,7 @@ class StepRunner:
                 # the schedule runs forward and backward of every pipeline micro-batch of this batch
                 with self.loss_context(), self.autocast():
                     return self.pipeline.step(inputs, labels, **model_kwargs)
-            with self.loss_context():
+            with self.loss_context(), self.backward_context():
                 with self.autocast():
                     logits = self.parts[0](inputs, **model_kwargs)
                     loss = cross_entropy(logits, labels) / self.accum
@@ -565,8 +581,13 @@ def pipeline_plan(cfg: Config, args: ModelArgs, dims: ParallelDims, meshes: Mesh
                   reference: nn.Module) -> PipelinePlan:
     """Which stages exist, which blocks each holds, which this rank runs, how many micro-batches."""
     p = cfg.parallelism
-    cls = schedule_class(p.pp_schedule)
-    num_stages = (len(p.pp_split_points) + 1) if p.pp_split_points else dims.pp * stages_per_rank(cls, p.pp_stages_per_rank)
+    from_csv = read_schedule_csv(p.pp_schedule_csv, dims.pp) if p.pp_schedule_csv else None
+    if from_csv is not None:  # the file decides the stages, their ranks and the micro-batches
+        cls, num_stages = from_csv.schedule_cls, from_csv.num_stages
+    else:
+        cls = schedule_class(p.pp_schedule)
+        num_stages = ((len(p.pp_split_points) + 1) if p.pp_split_points
+                      else dims.pp * stages_per_rank(cls, p.pp_stages_per_rank))
     if p.pp_split_points:
         ranges = layer_ranges_from_split_points(p.pp_split_points, args.n_layers, num_stages)
     else:
@@ -577,8 +598,12 @@ def pipeline_plan(cfg: Config, args: ModelArgs, dims: ParallelDims, meshes: Mesh
         block = 6 * block_params + flops_per_token(args, 0, cfg.training.seq_len) / args.n_layers
         table = args.vocab_size * args.dim
         ranges = balanced_layer_ranges(block, args.n_layers, num_stages, first_extra=2 * table, last_extra=6 * table)
-    mine = stage_ids(meshes.pp.get_local_rank(), dims.pp, num_stages, is_v_shaped(cls))
-    microbatches = p.pp_microbatches or num_stages
+    if from_csv is not None:
+        mine = from_csv.stages_by_rank[meshes.pp.get_local_rank()]
+        microbatches = from_csv.microbatches
+    else:
+        mine = stage_ids(meshes.pp.get_local_rank(), dims.pp, num_stages, is_v_shaped(cls))
+        microbatches = p.pp_microbatches or num_stages
     logger.info("pipeline: %s, %d stages (blocks %s), this rank runs stages %s, %d micro-batches",
                 cls.__name__, num_stages, ", ".join(f"{a}-{b - 1}" for a, b in ranges), mine, microbatches)
-    return PipelinePlan(cls, num_stages, mine, ranges, microbatches)
+    return PipelinePlan(cls, num_stages, mine, ranges, microbatches, p.pp_schedule_csv)

@@ -10,6 +10,9 @@ Sources
 -------
 ``lathe_corpus``
     The embedded default corpus (`lathe.data.corpus`): ``train.jsonl`` / ``validation.jsonl``.
+``c4_test``
+    torchtitan's debug dataset name: 2,000 C4-format records cut from the embedded corpus
+    (`lathe.data.c4_test`), read as local files.
 Local files (`LocalSource`)
     A file, a folder (searched recursively, hidden entries skipped) or a glob, of ``.jsonl``,
     ``.json`` (JSON lines, or one JSON array of records), ``.parquet`` and ``.txt`` files, each
@@ -67,6 +70,7 @@ HF_PRESETS: dict[str, tuple[str, str | None, bool]] = {
     "fineweb_edu": ("HuggingFaceFW/fineweb-edu", None, False),
 }
 CORPUS_NAME = "lathe_corpus"
+C4_TEST_NAME = "c4_test"
 # Accepted values of training.dataset besides the presets; any other value is a local path if it
 # exists, a Hugging Face Hub id if it contains a "/", and an error otherwise.
 GENERIC_NAMES = ("local", "huggingface")
@@ -539,6 +543,10 @@ def resolve_spec(name: str, path: str | None, config: str | None, option: str) -
         hub, default_config, has_val = HF_PRESETS[name]
         return SourceSpec("hf", path or hub, config if config is not None else default_config, label=name,
                           option=option, has_validation=has_val if path is None else None)
+    if name == C4_TEST_NAME:  # torchtitan's debug dataset: a local C4-format sample (lathe.data.c4_test)
+        from lathe.data.c4_test import c4_test_path
+
+        return SourceSpec("local", path if path is not None else str(c4_test_path()), label=name, option=option)
     if name == "local":
         if path is None:
             raise ConfigError("training.dataset_path", "local needs a path", "set --training.dataset_path", None)
@@ -554,7 +562,7 @@ def resolve_spec(name: str, path: str | None, config: str | None, option: str) -
         return SourceSpec("hf", name, config, label=name, option=option)
     import difflib
 
-    known = [CORPUS_NAME, *HF_PRESETS, *GENERIC_NAMES]
+    known = [CORPUS_NAME, C4_TEST_NAME, *HF_PRESETS, *GENERIC_NAMES]
     close = difflib.get_close_matches(name, known, n=1)
     fix = f"did you mean '{close[0]}'?" if close else (
         f"available: {', '.join(known)}, a local path, or a Hugging Face id like org/name")

@@ -6,6 +6,11 @@ backward), so only one block is ever whole in memory. The root unit holds the em
 norm and output layer. HSDP is the same call on a 2-D mesh: shard within a group of ranks,
 replicate across groups (gradients are reduce-scattered in the group, all-reduced across).
 
+CPU offload (``training.enable_cpu_offload``): the sharded parameters, their gradients and the
+optimizer step live in CPU memory; FSDP copies each unit's shard to the device just before its
+all-gather and the gradient shards back after the reduce-scatter. Pinned (page-locked) host memory
+makes those copies asynchronous, and needs CUDA: without it the buffers are ordinary memory.
+
 DDP (replicate only) keeps whole parameters on every rank and all-reduces gradients.
 """
 
@@ -16,24 +21,26 @@ import logging
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 logger = logging.getLogger("lathe")
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
-               pipeline_parallel: bool = False) -> None:
+               pipeline_parallel: bool = False, cpu_offload: bool = False) -> None:
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # Resharding after forward frees the gathered weights until backward needs them again.
         # Not for the last block (backward starts with it: FSDP would re-gather at once), and not
         # under pipeline parallelism, where each micro-batch would re-gather every block.
         reshard = not pipeline_parallel and i < len(blocks) - 1
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not pipeline_parallel)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not pipeline_parallel, offload_policy=offload)
     kind = "HSDP" if mesh.ndim == 2 else "FSDP"
-    logger.info("applied %s over %s ranks (params %s, reduce %s)", kind, mesh.size(), param_dtype, reduce_dtype)
+    logger.info("applied %s over %s ranks (params %s, reduce %s%s)", kind, mesh.size(), param_dtype, reduce_dtype,
+                ", parameters offloaded to CPU" if cpu_offload else "")
 
 
 def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> None:

@@ -10,15 +10,24 @@ Stages per rank: single-stage schedules (GPipe, 1F1B) put one stage on each rank
 schedules put several: looped ones (Interleaved1F1B, LoopedBFS, InterleavedZeroBubble) stage s on
 rank s % pp; V-shaped ones (ZBVZeroBubble, DualPipeV) two stages per rank, r and 2*pp-1-r, so the
 first and last stage share rank 0.
+
+A schedule from a CSV file (``parallelism.pp_schedule_csv``, torchtitan's
+``experimental.pipeline_parallel_schedule_csv``): row r lists, in order, the computations pipeline
+rank r runs, one per cell: ``<stage><F|B|I|W><micro-batch>`` (forward, full backward, backward
+for inputs only, backward for weights only), e.g. ``0F0,0F1,2F0,2B0,...``. The file sets the
+stages, which rank runs each, and the micro-batches; torch's ``_PipelineScheduleRuntime`` adds the
+sends and receives between ranks and runs it.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
 import logging
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +37,8 @@ from torch.distributed.pipelining.schedules import (
     PipelineScheduleMulti,
     ScheduleDualPipeV,
     ScheduleZBVZeroBubble,
+    _Action,
+    _PipelineScheduleRuntime,
     get_schedule_class,
 )
 
@@ -72,6 +83,57 @@ def stage_ids(pp_rank: int, pp: int, num_stages: int, v_shaped: bool) -> list[in
     if v_shaped:
         return [pp_rank, 2 * pp - 1 - pp_rank]
     return [pp_rank + s * pp for s in range(per_rank)]
+
+
+@dataclass(frozen=True)
+class CsvSchedule:
+    """What a schedule CSV file says: its stages, the stages of each pipeline rank, micro-batches."""
+
+    path: str
+    num_stages: int
+    stages_by_rank: list[list[int]]
+    microbatches: int
+    schedule_cls: type = _PipelineScheduleRuntime
+
+
+def read_schedule_csv(path: str, pp: int) -> CsvSchedule:
+    """Read and check a compute-only schedule CSV (torch validates the order of the actions again
+    when it loads the file)."""
+    key = "parallelism.pp_schedule_csv"
+    if not Path(path).is_file():
+        raise ConfigError(key, "file not found", "point it at a CSV file with one row of actions per pipeline rank",
+                          path)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    if len(rows) != pp:
+        raise ConfigError(key, f"has {len(rows)} rows of actions, one per pipeline rank is needed (pp={pp})",
+                          "write one row per rank", path)
+    owner: dict[int, int] = {}
+    microbatches = 0
+    for rank, row in enumerate(rows):
+        for cell in row:
+            try:
+                action = _Action.from_str(cell)
+            except (ValueError, RuntimeError, AssertionError):
+                action = False
+            if action is False or (action is not None and action.stage_index < 0):
+                raise ConfigError(key, f"row {rank + 1}: {cell.strip()!r} is not an action",
+                                  "write actions like 0F0 (stage 0, forward, micro-batch 0), 1B0, 2I1, 2W1", path)
+            if action is None:
+                continue  # an empty cell: the rank idles
+            if owner.setdefault(action.stage_index, rank) != rank:
+                raise ConfigError(key, f"stage {action.stage_index} appears on rows {owner[action.stage_index] + 1} "
+                                  f"and {rank + 1}", "each stage must run on one rank", path)
+            if action.microbatch_index is not None:
+                microbatches = max(microbatches, action.microbatch_index + 1)
+    num_stages = len(owner)
+    if sorted(owner) != list(range(num_stages)) or num_stages == 0:
+        raise ConfigError(key, f"stages must be numbered 0..N-1 without gaps (found {sorted(owner)})",
+                          "renumber them", path)
+    stages_by_rank = [sorted(s for s, r in owner.items() if r == rank) for rank in range(pp)]
+    if any(not stages for stages in stages_by_rank):
+        raise ConfigError(key, "every pipeline rank needs at least one stage", "give each row actions", path)
+    return CsvSchedule(path, num_stages, stages_by_rank, microbatches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +211,7 @@ class PipelinePlan:
     my_stages: list[int]
     ranges: list[tuple[int, int]]
     microbatches: int
+    schedule_csv: str | None = None  # the schedule's actions come from this file
 
 
 class PipelineRunner:
@@ -178,6 +241,8 @@ class PipelineRunner:
         self.schedule = plan.schedule_cls(schedule_arg, n_microbatches=plan.microbatches,
                                           loss_fn=lambda out, target: loss_fn(out, target) / scale,
                                           scale_grads=False)
+        if plan.schedule_csv is not None:
+            self.schedule._load_csv(plan.schedule_csv)  # torch checks the action order; adds sends/receives
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor, **model_kwargs) -> torch.Tensor:
         """Forward and backward of one batch; returns its loss / accumulation steps.

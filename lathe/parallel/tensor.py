@@ -22,7 +22,8 @@ import logging
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.experimental import local_map
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -31,10 +32,14 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from lathe.models.llama import FusedRMSNorm
+
 logger = logging.getLogger("lathe")
 
 
-def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool) -> None:
+def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool, float8_styles: dict | None = None) -> None:
+    """``float8_styles``: torchao's float8 variants of the block styles (lathe.quant.float8.tp_styles),
+    used for the linears that were converted to float8, or None."""
     top_plan = {}
     if model.tok_embeddings is not None:
         # Vocabulary-sharded table; output reduce-scattered straight into sequence shards.
@@ -50,23 +55,51 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool) -> None:
     parallelize_module(model, mesh, top_plan)
 
     for block in model.layers.values():
-        block_plan = {
-            "attention_norm": SequenceParallel(),
-            # (hidden, rope_cos, rope_sin, mask): gather the sequence shards; leave the rest alone
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
-                                            desired_input_layouts=(Replicate(), None, None, None)),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        }
-        in_projections = [name for name in ("attention.wqkv", "attention.wq", "attention.wk", "attention.wv",
-                                            "feed_forward.w13", "feed_forward.w1", "feed_forward.w3")
-                          if _has_submodule(block, name)]
-        block_plan.update({name: ColwiseParallel() for name in in_projections})
-        parallelize_module(block, mesh, block_plan)
-    logger.info("applied tensor parallel over %d ranks (sequence parallel, loss parallel %s)",
-                mesh.size(), "on" if loss_parallel else "off")
+        parallelize_module(block, mesh, _block_plan(block, float8_styles))
+    _fused_norms_on_shards(model, mesh)
+    logger.info("applied %stensor parallel over %d ranks (sequence parallel, loss parallel %s)",
+                "float8 " if float8_styles else "", mesh.size(), "on" if loss_parallel else "off")
+
+
+def _fused_norms_on_shards(model: nn.Module, mesh: DeviceMesh) -> None:
+    """A fused norm (``model.norm_type = fused_rmsnorm``) under sequence parallel: normalizing over
+    the hidden dimension needs no communication, so its compiled kernel runs on each rank's plain
+    sequence shard (DTensor would otherwise trace its own redistributions into the kernel). The
+    weight's gradient from one shard is a partial sum over that shard's tokens."""
+    for module in model.modules():
+        if isinstance(module, FusedRMSNorm):
+            module.kernel = local_map(module.kernel, out_placements=[Shard(1)],
+                                      in_placements=([Shard(1)], [Replicate()], None),
+                                      in_grad_placements=([Shard(1)], [Partial()], None), device_mesh=mesh)
+
+
+def _block_plan(block: nn.Module, float8_styles: dict | None) -> dict:
+    """The TP plan of one block, for its unfused (wq/wk/wv, w1/w3) or fused (wqkv, w13) projections."""
+    def styles(*linears: str) -> tuple:
+        """(colwise, rowwise, prepare-input) classes for these linears: the float8 ones only when
+        every linear that reads the same input is float8 (it is all-gathered once, in float8)."""
+        if float8_styles and all(float8_styles["is_float8"](block.get_submodule(n)) for n in linears):
+            return float8_styles["colwise"], float8_styles["rowwise"], float8_styles["prepare_input"]
+        return ColwiseParallel, RowwiseParallel, PrepareModuleInput
+
+    qkv = [n for n in ("attention.wqkv", "attention.wq", "attention.wk", "attention.wv") if _has_submodule(block, n)]
+    w13 = [n for n in ("feed_forward.w13", "feed_forward.w1", "feed_forward.w3") if _has_submodule(block, n)]
+    qkv_col, _, attn_prepare = styles(*qkv)
+    _, wo_row, _ = styles("attention.wo")
+    w13_col, _, ffn_prepare = styles(*w13)
+    _, w2_row, _ = styles("feed_forward.w2")
+    return {
+        "attention_norm": SequenceParallel(),
+        # (hidden, rope_cos, rope_sin, mask): gather the sequence shards; leave the rest alone
+        "attention": attn_prepare(input_layouts=(Shard(1), None, None, None),
+                                  desired_input_layouts=(Replicate(), None, None, None)),
+        **{name: qkv_col() for name in qkv},
+        "attention.wo": wo_row(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": ffn_prepare(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        **{name: w13_col() for name in w13},
+        "feed_forward.w2": w2_row(output_layouts=Shard(1)),
+    }
 
 
 def _has_submodule(module: nn.Module, name: str) -> bool:

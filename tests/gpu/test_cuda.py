@@ -1,5 +1,6 @@
 """CUDA-only checks (skipped without a GPU): NCCL init, bf16, compile with Triton, memory stats,
-FlexAttention block-causal masks, context parallel on NCCL.
+FlexAttention block-causal masks, context parallel on NCCL, float8 (compute capability >= 8.9)
+and async tensor parallel (2 GPUs).
 
 Run on a GPU machine with: python -m pytest tests/gpu -q
 """
@@ -68,3 +69,37 @@ def test_context_parallel_on_nccl_matches_one_gpu(tmp_path):
     cp = run_torchrun(tmp_path / "cp", 2, *common, "--parallelism.cp", "2")
     for a, b in zip(one, cp):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+
+
+float8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                                reason="float8 needs CUDA compute capability >= 8.9")
+
+
+@float8_gpu
+def test_float8_compiled_on_one_gpu_tracks_bf16(tmp_path):
+    pytest.importorskip("torchao")
+    common = ["--training.steps", "30", "--training.compile", "--training.autocast_dtype", "bfloat16",
+              "--optimizer.lr", "3e-3", "--training.seq_len", "1024"]
+    bf16 = run_torchrun(tmp_path / "bf16", 1, *common)
+    fp8 = run_torchrun(tmp_path / "fp8", 1, *common, "--float8.enable_float8_linear")
+    assert fp8[-1]["loss"] == pytest.approx(bf16[-1]["loss"], rel=2e-2)
+
+
+@float8_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_float8_tp_styles_and_fsdp_float8_all_gather_on_nccl(tmp_path):
+    pytest.importorskip("torchao")
+    logs = run_torchrun(tmp_path, 2, "--training.steps", "30", "--parallelism.tp", "2", "--parallelism.dp_shard", "1",
+                        "--float8.enable_float8_linear", "--training.compile")
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    logs = run_torchrun(tmp_path / "fsdp", 2, "--training.steps", "30", "--parallelism.dp_shard", "2",
+                        "--float8.enable_float8_linear", "--float8.enable_fsdp_float8_all_gather",
+                        "--float8.precompute_float8_dynamic_scale_for_fsdp", "--training.compile")
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="async TP needs 2 GPUs")
+def test_async_tensor_parallel_trains(tmp_path):
+    logs = run_torchrun(tmp_path, 2, "--training.steps", "30", "--parallelism.tp", "2", "--parallelism.dp_shard", "1",
+                        "--training.compile", "--experimental.enable_async_tensor_parallel")
+    assert logs[-1]["loss"] < logs[0]["loss"]

@@ -5,7 +5,6 @@ fused and unfused layouts, and between parallel layouts, on resume.
 Same global batch (4 sequences) in every layout; steps 4-6 after resuming from step 3 match the
 uninterrupted run within 1e-5 relative (other reduction order, other matmul shapes)."""
 
-import shutil
 import sys
 from pathlib import Path
 

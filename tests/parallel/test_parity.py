@@ -56,9 +56,9 @@ def local_batch(name: str) -> int:
     return 4 if "DualPipeV" in name else LOCAL_BATCH
 
 
-def launch(nproc: int, overrides: list[str], folder: Path, batch: int = LOCAL_BATCH) -> dict:
+def launch(nproc: int, overrides: list[str], folder: Path, batch: int = LOCAL_BATCH, worker: str = "worker.py") -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(HERE / "worker.py"),
+           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(HERE / worker),
            *COMMON, "--training.batch_size", str(batch), "--validation.batch_size", str(batch), "--job.dump_folder", str(folder), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
