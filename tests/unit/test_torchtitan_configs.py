@@ -6,7 +6,7 @@ section, the keys and values each file sets. The debug configs train 3 steps wit
 ``--training.steps`` on the command line (in a folder laid out like torchtitan's checkout: the
 test tokenizer at the path the file names; ``c4_test`` is lathe's local sample). The 405B configs
 run on CPU with size and placement overrides only, and with the file's float8 settings in force:
-tests/parallel/test_torchtitan_options.py.
+tests/parallel/test_torchtitan_options_parallel.py.
 """
 
 from __future__ import annotations

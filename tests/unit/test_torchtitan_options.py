@@ -2,7 +2,7 @@
 autograd, optimizer step in backward, print_args, c4_test, the schedule-CSV checks, and the
 restrictions each technique has. For each: a test that it changes what it should, and one that
 the numbers match the reference where they must. Multi-process cases:
-tests/parallel/test_torchtitan_options.py."""
+tests/parallel/test_torchtitan_options_parallel.py."""
 
 from __future__ import annotations
 
