@@ -28,6 +28,7 @@ import os
 import pickle
 import random
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path, PosixPath, PurePosixPath
 from typing import Any, Iterator
@@ -152,10 +153,20 @@ def file_entry(path: Path) -> dict[str, Any]:
 
 class _ChecksummingStream(io.RawIOBase):
     """Write-through wrapper that checksums what DCP writes. A seek makes the running checksum
-    meaningless; the file is then read back instead."""
+    meaningless; the file is then read back instead.
+
+    Large writes (tensor storages) are checksummed on a background thread while the next write
+    goes to disk (``zlib.crc32`` and file writes both release the GIL), so on two or more cores the
+    checksum costs little save time. One worker keeps the pieces in order; a small write made while
+    large ones are still queued is copied first (its buffer may be reused by the caller).
+    ``finish()`` waits for the queue."""
+
+    BACKGROUND = 16 << 20  # bytes: smaller writes are checksummed inline (a thread hand-off costs more)
 
     def __init__(self, inner, crc: _ChunkCrc):
         self.inner, self.crc, self.seeked = inner, crc, False
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     def writable(self) -> bool:
         return True
@@ -163,8 +174,27 @@ class _ChecksummingStream(io.RawIOBase):
     def write(self, data) -> int:
         n = self.inner.write(data)
         full = data.nbytes if isinstance(data, memoryview) else len(data)
-        self.crc.update(data if n is None or n == full else memoryview(data).cast("B")[:n])
+        piece = data if n is None or n == full else memoryview(data).cast("B")[:n]
+        size = full if n is None else n
+        self._pending = [f for f in self._pending if not f.done()]
+        if size >= self.BACKGROUND:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lathe-crc")
+            self._pending.append(self._pool.submit(self.crc.update, piece))
+        elif self._pending:  # keep the order: behind the queued pieces, from a copy
+            self._pending.append(self._pool.submit(self.crc.update, bytes(piece)))
+        else:
+            self.crc.update(piece)
         return n
+
+    def finish(self) -> None:
+        """Wait until every written byte is in the checksum (raises what a worker raised)."""
+        for future in self._pending:
+            future.result()
+        self._pending = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def tell(self) -> int:
         return self.inner.tell()
@@ -181,6 +211,7 @@ class _ChecksummingStream(io.RawIOBase):
             self.inner.flush()
 
     def close(self) -> None:
+        self.finish()
         if not self.inner.closed:
             self.inner.close()
         super().close()
@@ -203,7 +234,10 @@ class ChecksummingFileSystem(FileSystem):
         crc = _ChunkCrc()
         with open(path, mode) as inner:
             stream = _ChecksummingStream(inner, crc)
-            yield stream
+            try:
+                yield stream
+            finally:
+                stream.finish()
         self.entries[path.name] = file_entry(path) if stream.seeked else crc.entry()
 
 

@@ -10,8 +10,11 @@ from lathe.checkpoint import integrity
 
 
 @pytest.mark.parametrize("max_piece", [1, 700, 2500, 50_000])
-def test_streamed_checksums_equal_read_back(tmp_path, monkeypatch, max_piece):
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+def test_streamed_checksums_equal_read_back(tmp_path, monkeypatch, max_piece, background):
     monkeypatch.setattr(integrity, "CHUNK", 1000)  # small chunks: many boundaries
+    if background:  # pieces from 2,000 bytes up go to the checksum thread, smaller ones queue behind
+        monkeypatch.setattr(integrity._ChecksummingStream, "BACKGROUND", 2000)
     fs = integrity.ChecksummingFileSystem()
     data = os.urandom(12_345)
     rng = random.Random(max_piece)
