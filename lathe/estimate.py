@@ -248,7 +248,7 @@ def _estimate_rank(cfg: Config, dims, rank: int, pp_rank: int, vocab_size: int, 
             cp = ContextParallel(meshes.cp, cfg.parallelism.cp_rotate_method, cfg.parallelism.cp_load_balance)
             runner = StepRunner(parts, pipeline, optimizers, schedules, data, _NoMetrics(), device, accum, cfg,
                                 dims, cp, pp_group=meshes.pp.get_group() if meshes.pp is not None else None)
-            tracker = MemoryTracker(parts, [o for x in optimizers.optimizers for o in (x if isinstance(x, list) else [x])])
+            tracker = MemoryTracker(parts, optimizers.torch_optimizers())
             for step in range(1, steps + 1):
                 with tracker:
                     runner.run(step)

@@ -65,7 +65,7 @@ class MemoryCheck:
                 return
             from lathe.memtrack import MemoryTracker
 
-            self.tracker = MemoryTracker(parts, [o for x in optimizers.optimizers for o in (x if isinstance(x, list) else [x])])
+            self.tracker = MemoryTracker(parts, optimizers.torch_optimizers())
         logger.info("memory: the analytic model predicts a peak of %.3f GiB of tensors per rank (pipeline rank "
                     "%d); measured over the first %d steps", self.predicted / GIB, pp_rank, STEPS)
 

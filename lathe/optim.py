@@ -108,6 +108,10 @@ class Optimizers:
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
 
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every torch optimizer, flat (what holds optimizer states)."""
+        return list(self.optimizers)
+
     @property
     def lr(self) -> float:
         return self.optimizers[0].param_groups[0]["lr"]
@@ -160,6 +164,9 @@ class OptimizersInBackward(Optimizers):
 
     def zero_grad(self) -> None:
         pass  # every gradient was freed right after its update
+
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for per_param in self.optimizers for o in per_param]
 
     def take_grad_norm(self) -> torch.Tensor:
         """The global gradient norm of the backward passes since the last call."""

@@ -46,21 +46,11 @@ def format_console_line(
     ]
     line = "  ".join(f"{c}{text}{_RESET}" if color else text for c, text in parts)
 
-    extras = []
-    if tokens_seen is not None:
-        extras.append(f"tokens(global): {tokens_seen:,}")
-    if lr is not None:
-        extras.append(f"lr: {lr:.3e}")
-    if grad_norm is not None:
-        extras.append(f"gnorm: {grad_norm:.4f}")
-    if step_time is not None:
-        extras.append(f"step_time: {step_time:.2f}s")
-    if data_loading_pct is not None:
-        extras.append(f"data: {data_loading_pct:.1f}%")
-    if elapsed is not None:
-        extras.append(f"elapsed: {format_duration(elapsed)}")
-    if eta is not None:
-        extras.append(f"eta: {format_duration(eta)}")
+    shown = (("tokens(global): {:,}", tokens_seen), ("lr: {:.3e}", lr), ("gnorm: {:.4f}", grad_norm),
+             ("step_time: {:.2f}s", step_time), ("data: {:.1f}%", data_loading_pct))
+    extras = [fmt.format(value) for fmt, value in shown if value is not None]
+    extras += [f"{name}: {format_duration(value)}" for name, value in (("elapsed", elapsed), ("eta", eta))
+               if value is not None]
     if counters and counters.get("skipped_steps"):
         why = [f"{name} {counters.get(key, 0)}" for name, key in
                (("non-finite", "nonfinite_steps"), ("spike", "spike_steps")) if counters.get(key)]
