@@ -231,9 +231,10 @@ class Attention(nn.Module):
         bs, seq, _ = x.shape
         if self.fused:
             groups = self.wqkv(x).view(bs, seq, -1, self.n_rep + 2, self.head_dim)
-            q = apply_rope(groups[:, :, :, : self.n_rep], cos, sin).flatten(2, 3)
-            k = apply_rope(groups[:, :, :, self.n_rep], cos, sin)
-            return q, k, groups[:, :, :, self.n_rep + 1]
+            # one split (its backward is one concatenation), not indexing (a zero-filled
+            # full-size gradient per piece)
+            q, k, v = groups.split([self.n_rep, 1, 1], dim=3)
+            return apply_rope(q, cos, sin).flatten(2, 3), apply_rope(k, cos, sin).squeeze(3), v.squeeze(3)
         q = self.wq(x).view(bs, seq, -1, self.head_dim)
         k = self.wk(x).view(bs, seq, -1, self.head_dim)
         v = self.wv(x).view(bs, seq, -1, self.head_dim)
@@ -286,8 +287,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            h = self.w13(x).unflatten(-1, (-1, 2, self.block))  # (..., blocks, w1|w3, block)
-            return self.w2((F.silu(h[..., 0, :]) * h[..., 1, :]).flatten(-2))
+            h1, h3 = self.w13(x).unflatten(-1, (-1, 2, self.block)).unbind(-2)  # (..., blocks, w1|w3, block)
+            return self.w2((F.silu(h1) * h3).flatten(-2))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     @torch.no_grad()
