@@ -16,8 +16,6 @@ not expected; a layout that misses these tolerances is a bug, not a reason to wi
 
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from multi_worker import Batch, needed  # noqa: E402
 from worker import load_result  # noqa: E402
 
-HERE = Path(__file__).parent
 STEPS = 5
 LOCAL_BATCH = 2  # per data-parallel rank; DualPipeV needs 4 (4 micro-batches for 4 stages)
 COMMON = ["--model.flavor", "tiny", "--training.seq_len", "32", "--training.steps", str(STEPS),
@@ -61,17 +58,6 @@ def local_batch(name: str) -> int:
 def layout_args(overrides: list[str], batch: int = LOCAL_BATCH) -> list[str]:
     """The worker's arguments for a layout (without its dump folder)."""
     return [*COMMON, "--training.batch_size", str(batch), "--validation.batch_size", str(batch), *overrides]
-
-
-def launch(nproc: int, overrides: list[str], folder: Path, batch: int = LOCAL_BATCH, worker: str = "worker.py") -> dict:
-    """One torchrun job for one layout."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(HERE / worker),
-           *layout_args([], batch), "--job.dump_folder", str(folder), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return load_result(folder)
 
 
 FUSED = ["--model.fused_qkv", "--model.fused_w13"]
