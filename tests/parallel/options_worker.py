@@ -1,7 +1,8 @@
 """torchrun entry point for tests of techniques applied from outside the model (float8, CPU
 offload, optimizer in backward, fused norm): train like worker.py (same result files, read with
 ``worker.load_result``), and also write {dump_folder}/facts_rank{R}.json, what this rank's
-trained model looks like (converted modules, where parameters live, gradients left)."""
+trained model looks like (converted modules, where parameters live, gradients left). ``run`` is
+the body, also run per layout by multi_worker.py inside a process group it made."""
 
 import json
 import sys
@@ -42,8 +43,8 @@ def facts(parts) -> dict:
     return out
 
 
-def main() -> None:
-    cfg, _ = load_config(sys.argv[1:])
+def run(argv: list[str]) -> None:
+    cfg, _ = load_config(argv)
     result = train(cfg)
     folder = Path(cfg.job.dump_folder)
     rank = distributed.rank()
@@ -58,6 +59,10 @@ def main() -> None:
                     "val_losses": {r["step"]: r["val_loss"] for r in logged if "val_loss" in r}},
                    folder / "result.pt")
     del result, params
+
+
+def main() -> None:
+    run(sys.argv[1:])
     distributed.finish(0)
 
 

@@ -1,10 +1,11 @@
 """Context parallel (and document masking) layouts compute what the single process computes.
 
 Same protocol and tolerances as test_parity.py (the real trainer under torchrun + gloo, the tiny
-Llama, fp32, 5 steps; per-step losses, final parameters and the validation loss against the
-in-process single-process run on the same global batch). CP ranks share one batch, so the
-reference batch is batch x data-parallel degree, as for any layout. seq_len 32 is split into
-2 x cp chunks by the load balancer (4 tokens per chunk at cp 4).
+Llama, fp32, 5 steps, the selected runs of this module in one torchrun job; per-step losses, final
+parameters and the validation loss against the in-process single-process run on the same global
+batch). CP ranks share one batch, so the reference batch is batch x data-parallel degree, as for
+any layout. seq_len 32 is split into 2 x cp chunks by the load balancer (4 tokens per chunk at
+cp 4).
 
 On CPU these runs go through lathe's mapping of the CPU attention kernel onto torch's ring
 attention (lathe/parallel/context.py), so every layout here exercises torch's real ring algorithm
@@ -25,11 +26,13 @@ from lathe.parallel import clean_name
 from lathe.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_parity import COMMON, LOCAL_BATCH, STEPS, launch, reference  # noqa: E402
+from multi_worker import Batch, needed  # noqa: E402
+from test_parity import COMMON, LOCAL_BATCH, STEPS, layout_args, reference  # noqa: E402
+from worker import load_result  # noqa: E402
 
 CP2 = ["--parallelism.cp", "2"]
 
-# (id, processes, data-parallel degree, overrides). Each launch costs 30-100 s on 2 cores, so
+# (id, processes, data-parallel degree, overrides). Each layout costs 20-90 s on 2 cores, so
 # options are spread over the layouts: both rotate methods, load balancing on and off, AC full and
 # op, compile (aot_eager). Plain CP x 2 is in the resume test below.
 LAYOUTS = [
@@ -56,15 +59,38 @@ def assert_matches(got, ref_losses, ref_params, ref_val):
         torch.testing.assert_close(value, ref_params[key], atol=1e-4, rtol=0, msg=lambda m: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("name,nproc,dp,overrides", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_cp_layout_matches_single_process(name, nproc, dp, overrides, tmp_path_factory):
-    ref = reference(LOCAL_BATCH * dp, LOCAL_BATCH * dp, str(tmp_path_factory.getbasetemp()))
-    assert_matches(launch(nproc, overrides, tmp_path_factory.mktemp(name)), *ref)
-
-
 # --- document masking through the layouts that touch the attention inputs --------------------
 
 BLOCK_CAUSAL = ["--model.attention_mask", "block_causal", "--model.document_positions"]
+BLOCK_CAUSAL_PP2XTP2 = [*BLOCK_CAUSAL, "--parallelism.pp", "2", "--parallelism.tp", "2", "--parallelism.dp_shard", "1",
+                        "--parallelism.pp_microbatches", "2"]
+CHECKPOINT_AT_3 = ["--checkpoint.enable_checkpoint", "--checkpoint.interval", "3"]
+
+# every launch of this module: (name, processes, overrides)
+RUNS = [*[(name, nproc, overrides) for name, nproc, _, overrides in LAYOUTS],
+        ("bc_pp2xtp2", 4, BLOCK_CAUSAL_PP2XTP2),
+        ("cp2", 2, [*CP2, "--parallelism.dp_shard", "1", *CHECKPOINT_AT_3])]
+NEEDS = {"test_block_causal_pp2xtp2_matches_single_process": ["bc_pp2xtp2"],
+         "test_cp2_matches_single_process_and_resumes_in_one_process": ["cp2"]}
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    """The selected runs in one torchrun job (multi_worker.py)."""
+    selected = needed(request, lambda test, params: [params["name"]] if "name" in params else NEEDS.get(test, []))
+    batch = Batch(tmp_path_factory.mktemp("cp"), [(name, nproc, "worker", layout_args(overrides))
+                                                  for name, nproc, overrides in RUNS if name in selected])
+    yield batch
+    batch.close()
+
+
+@pytest.mark.parametrize("name,nproc,dp,overrides", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_cp_layout_matches_single_process(name, nproc, dp, overrides, tmp_path_factory, runs):
+    ref = reference(LOCAL_BATCH * dp, LOCAL_BATCH * dp, str(tmp_path_factory.getbasetemp()))
+    got = load_result(runs.folder(name))
+    if "--training.compile" in overrides:  # compiled afresh in the batched job, not fallen back to eager
+        assert min(runs.compiled_graphs(name)) > 0
+    assert_matches(got, *ref)
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,27 +103,26 @@ def block_causal_reference(tmp_root: str):
     return result.losses, params, next(r["val_loss"] for r in logged if "val_loss" in r)
 
 
-def test_block_causal_pp2xtp2_matches_single_process(tmp_path_factory):
+def test_block_causal_pp2xtp2_matches_single_process(tmp_path_factory, runs):
     """The document ids and positions reach every pipeline stage (split into micro-batches) and
     the attention of a tensor-parallel shard of the heads."""
     ref = block_causal_reference(str(tmp_path_factory.getbasetemp()))
     assert ref[0] != reference(LOCAL_BATCH, LOCAL_BATCH, str(tmp_path_factory.getbasetemp()))[0]  # masking matters
-    got = launch(4, [*BLOCK_CAUSAL, "--parallelism.pp", "2", "--parallelism.tp", "2", "--parallelism.dp_shard", "1",
-                     "--parallelism.pp_microbatches", "2"], tmp_path_factory.mktemp("bc_pp2xtp2"))
+    got = load_result(runs.folder("bc_pp2xtp2"))
     assert_matches(got, *ref)
 
 
 # --- CP x 2, and resume across a change of CP degree -------------------------------------------
 
-def test_cp2_matches_single_process_and_resumes_in_one_process(tmp_path_factory):
+def test_cp2_matches_single_process_and_resumes_in_one_process(tmp_path_factory, runs):
     """CP x 2 (all-gather rotation, load balanced) matches the single process; its step-3
     checkpoint loads into one process (no CP), which reproduces steps 4-5. The data stream's
     position does not count CP ranks as data-parallel, and DCP reshards the weights and optimizer
     state that FSDP had sharded over the two CP ranks."""
     ref = reference(LOCAL_BATCH, LOCAL_BATCH, str(tmp_path_factory.getbasetemp()))
-    ck = ["--checkpoint.enable_checkpoint", "--checkpoint.interval", "3"]
-    folder = tmp_path_factory.mktemp("cp2")
-    got = launch(2, [*CP2, "--parallelism.dp_shard", "1", *ck], folder)
+    ck = CHECKPOINT_AT_3
+    folder = runs.folder("cp2")
+    got = load_result(folder)
     assert_matches(got, *ref)
     shutil.rmtree(folder / "checkpoint" / f"step-{STEPS}")
     cfg, _ = load_config([*COMMON, *ck, "--no-validation.enabled", "--training.batch_size", str(LOCAL_BATCH),

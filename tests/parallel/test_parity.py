@@ -1,8 +1,9 @@
 """Every parallel layout computes what the single process computes.
 
-Each case launches the real trainer under torchrun with gloo on CPU (fp32, the tiny Llama with
-grouped-query attention, 5 steps) and compares, with the in-process single-process run on the
-same global batch and seed:
+Each case runs the real trainer under torchrun with gloo on CPU (fp32, the tiny Llama with
+grouped-query attention, 5 steps; the selected layouts one after the other in one torchrun job,
+see multi_worker.py) and compares, with the in-process single-process run on the same global
+batch and seed:
 - the loss of every step (averaged over data-parallel ranks): relative difference <= 1e-5;
 - every final parameter, gathered from its shards: |diff| <= 1e-4;
 - the validation loss of the trained model (held-out batches split over the DP ranks; under PP
@@ -15,8 +16,6 @@ not expected; a layout that misses these tolerances is a bug, not a reason to wi
 
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,9 +29,9 @@ from lathe.parallel import clean_name
 from lathe.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
+from multi_worker import Batch, needed  # noqa: E402
 from worker import load_result  # noqa: E402
 
-HERE = Path(__file__).parent
 STEPS = 5
 LOCAL_BATCH = 2  # per data-parallel rank; DualPipeV needs 4 (4 micro-batches for 4 stages)
 COMMON = ["--model.flavor", "tiny", "--training.seq_len", "32", "--training.steps", str(STEPS),
@@ -56,14 +55,9 @@ def local_batch(name: str) -> int:
     return 4 if "DualPipeV" in name else LOCAL_BATCH
 
 
-def launch(nproc: int, overrides: list[str], folder: Path, batch: int = LOCAL_BATCH, worker: str = "worker.py") -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(HERE / worker),
-           *COMMON, "--training.batch_size", str(batch), "--validation.batch_size", str(batch), "--job.dump_folder", str(folder), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return load_result(folder)
+def layout_args(overrides: list[str], batch: int = LOCAL_BATCH) -> list[str]:
+    """The worker's arguments for a layout (without its dump folder)."""
+    return [*COMMON, "--training.batch_size", str(batch), "--validation.batch_size", str(batch), *overrides]
 
 
 FUSED = ["--model.fused_qkv", "--model.fused_w13"]
@@ -121,15 +115,28 @@ LAYOUTS += [
 ]
 
 
+@pytest.fixture(scope="module")
+def layouts(request, tmp_path_factory):
+    """The selected layouts, run in one torchrun job (multi_worker.py) while the tests compute
+    their single-process references."""
+    selected = needed(request, lambda test, params: [params["name"]] if "name" in params else [])
+    batch = Batch(tmp_path_factory.mktemp("parity"), [(name, nproc, "worker", layout_args(overrides, local_batch(name)))
+                                                      for name, nproc, _, overrides in LAYOUTS if name in selected])
+    yield batch
+    batch.close()
+
+
 @pytest.mark.parametrize("name,nproc,dp,overrides", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_layout_matches_single_process(name, nproc, dp, overrides, tmp_path_factory):
+def test_layout_matches_single_process(name, nproc, dp, overrides, tmp_path_factory, layouts):
     accumulation = 2 if "--training.gradient_accumulation_steps" in overrides else 1
     batch = local_batch(name)
     # same global batches: the reference's batch is the layout's global one (validation has no
     # accumulation: one batch per rank per validation step)
     ref_losses, ref_params, ref_val = reference(batch * dp * accumulation, batch * dp,
                                                 str(tmp_path_factory.getbasetemp()))
-    got = launch(nproc, overrides, tmp_path_factory.mktemp(name), batch)
+    got = load_result(layouts.folder(name))
+    if "--training.compile" in overrides:  # compiled afresh in the batched job, not fallen back to eager
+        assert min(layouts.compiled_graphs(name)) > 0
     assert sorted(got["losses"]) == list(range(1, STEPS + 1))
     for step, loss in got["losses"].items():
         assert loss == pytest.approx(ref_losses[step], rel=1e-5), f"step {step}"

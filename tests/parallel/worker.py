@@ -1,6 +1,7 @@
 """torchrun entry point for parity and checkpoint tests: train with the given overrides, then write
 the global per-step losses to {dump_folder}/result.pt and each rank's full parameters to
-{dump_folder}/params_rank{R}.pt (see ``load_result``)."""
+{dump_folder}/params_rank{R}.pt (see ``load_result``). ``run`` is the body, also run per layout
+by multi_worker.py inside a process group it made."""
 
 import json
 import sys
@@ -14,8 +15,8 @@ from lathe.parallel import distributed
 from lathe.trainer import train
 
 
-def main() -> None:
-    cfg, _ = load_config(sys.argv[1:])
+def run(argv: list[str]) -> None:
+    cfg, _ = load_config(argv)
     result = train(cfg)
     # Every rank gathers the full parameters of the parts it holds (a collective within each
     # part's mesh); pipeline ranks hold different parts, so each rank writes its own file.
@@ -30,6 +31,10 @@ def main() -> None:
         val_losses = {r["step"]: r["val_loss"] for r in logged if "val_loss" in r}
         torch.save({"losses": losses, "val_losses": val_losses}, folder / "result.pt")
     del result, params
+
+
+def main() -> None:
+    run(sys.argv[1:])
     distributed.finish(0)
 
 
