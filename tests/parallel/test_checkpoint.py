@@ -60,6 +60,27 @@ def drop_latest(folder):
     shutil.rmtree(Path(folder) / "checkpoint" / "step-6")
 
 
+@pytest.fixture(scope="module")
+def straight_6(tmp_path_factory):
+    """The uninterrupted one-process run (6 steps, batch 2, synchronous saves) that the crash and
+    separate-writer tests compare against: trained once per module."""
+    return run_local(tmp_path_factory.mktemp("straight"))
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    """A finished 3-step one-process run with its step-3 checkpoint; copy it before changing it."""
+    folder = tmp_path_factory.mktemp("three") / "run"
+    run_local(folder, steps=3)
+    assert complete_steps(folder / "checkpoint") == [3]
+    return folder
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return dst
+
+
 def logged_losses(folder):
     lines = [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
@@ -131,8 +152,8 @@ def test_elastic_resume_fsdp4_to_fsdp2_and_to_one_process(tmp_path):
 
 @pytest.mark.parametrize("point,mode", [("dcp_write", "disabled"), ("before_commit", "disabled"),
                                         ("dcp_write", "async")])
-def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path, point, mode):
-    straight = run_local(tmp_path / "ref")
+def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path, straight_6, point, mode):
+    straight = straight_6
     folder = tmp_path / "crash"
     cmd = [sys.executable, str(HERE / "crash_worker.py"), point, "2", *BASE, "--training.steps", "6",
            "--training.batch_size", "2", "--job.dump_folder", str(folder), "--checkpoint.async_mode", mode]
@@ -149,8 +170,8 @@ def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path, point, mod
 
 # --- async with a separate writer process -------------------------------------------------------
 
-def test_async_with_pinned_mem_saves_in_a_separate_process_and_resumes(tmp_path):
-    straight = run_local(tmp_path / "ref")
+def test_async_with_pinned_mem_saves_in_a_separate_process_and_resumes(tmp_path, straight_6):
+    straight = straight_6
     folder = tmp_path / "proc"
     cmd = [sys.executable, "-m", "lathe", "train", *BASE, "--training.steps", "6", "--training.batch_size", "2",
            "--job.dump_folder", str(folder), "--checkpoint.async_mode", "async_with_pinned_mem"]
@@ -194,7 +215,7 @@ def test_keep_latest_k(tmp_path):
     assert complete_steps(tmp_path / "checkpoint") == [4, 5]
 
 
-def test_seed_checkpoint_is_model_only_and_used_by_a_parallel_run(tmp_path):
+def test_seed_checkpoint_is_model_only_and_used_by_a_parallel_run(tmp_path, straight_6):
     cfg, _ = load_config([*BASE, "--training.steps", "6", "--job.dump_folder", str(tmp_path),
                           "--checkpoint.create_seed_checkpoint", "--training.seed", "7"])
     train(cfg)
@@ -202,7 +223,7 @@ def test_seed_checkpoint_is_model_only_and_used_by_a_parallel_run(tmp_path):
     assert meta["contents"] == ["model"]
     from_seed = run_torchrun(2, tmp_path, "--parallelism.dp_shard", "2", batch=1)  # seed 42, loads step-0
     with_seed7 = run_local(tmp_path / "ref", "--training.seed", "7", "--no-checkpoint.enable_checkpoint", batch=2)
-    without = run_local(tmp_path / "ref42", "--no-checkpoint.enable_checkpoint", batch=2)
+    without = straight_6  # seed 42, batch 2, no seed checkpoint (step 1's loss: the initial weights)
     assert from_seed[1] == pytest.approx(with_seed7[1], rel=1e-5)  # the seed checkpoint's weights
     assert from_seed[1] != pytest.approx(without[1], rel=1e-5)
 
@@ -224,12 +245,12 @@ def test_weights_only_final_export_in_bf16(tmp_path):
 
 # --- Hugging Face conversion -------------------------------------------------------------------
 
-def test_hf_round_trip_logits(tmp_path):
+def test_hf_round_trip_logits(tmp_path, three_steps):
     transformers = pytest.importorskip("transformers")
     from lathe.checkpoint.hf import hf_to_lathe, lathe_to_hf, load_lathe_weights
     from lathe.models.llama import Transformer
 
-    run_local(tmp_path, steps=3)
+    copy_run(three_steps, tmp_path)
     ckpt = tmp_path / "checkpoint" / "step-3"
     args, weights = load_lathe_weights(ckpt)
     ours = Transformer(args)
@@ -265,22 +286,22 @@ def test_convert_cli(tmp_path):
 
 # --- errors ------------------------------------------------------------------------------------
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
-    run_local(tmp_path, steps=3)
+def test_checkpoint_of_another_model_is_refused(tmp_path, three_steps):
+    copy_run(three_steps, tmp_path)
     with pytest.raises(ConfigError, match="holds a different model"):
         run_local(tmp_path, "--model.flavor", "debugmodel", steps=4)
 
 
-def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
-    run_local(tmp_path, steps=3)
+def test_corrupted_checkpoint_gives_a_clear_error(tmp_path, three_steps):
+    copy_run(three_steps, tmp_path)
     shard = next((tmp_path / "checkpoint" / "step-3").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ConfigError, match="no usable checkpoint .*step-3.*truncated"):
         run_local(tmp_path, steps=4)
 
 
-def test_missing_load_step_and_initial_path(tmp_path):
-    run_local(tmp_path, steps=3)
+def test_missing_load_step_and_initial_path(tmp_path, three_steps):
+    copy_run(three_steps, tmp_path)
     with pytest.raises(ConfigError, match="no checkpoint step-2"):
         run_local(tmp_path, "--checkpoint.load_step", "2", steps=4)
     with pytest.raises(ConfigError, match="initial_load_path"):

@@ -69,9 +69,15 @@ def test_gradient_accumulation_4x_b_equals_batch_4b(tmp_path, monkeypatch):
     assert gb_losses == acc_losses
 
 
+@pytest.fixture(scope="module")
+def fp32_two_steps(tmp_path_factory):
+    """The plain run (fp32, no AC) that the AC and autocast tests compare against: trained once."""
+    return train(cfg_for(tmp_path_factory.mktemp("fp32"), "--training.steps", "2")).losses
+
+
 @pytest.mark.parametrize("mode,option", [("full", "2"), ("selective", "2"), ("selective", "op")])
-def test_activation_checkpointing_does_not_change_the_numbers(tmp_path, mode, option):
-    base = train(cfg_for(tmp_path / "base", "--training.steps", "2")).losses
+def test_activation_checkpointing_does_not_change_the_numbers(tmp_path, fp32_two_steps, mode, option):
+    base = fp32_two_steps
     ac = train(cfg_for(tmp_path / mode, "--training.steps", "2", "--activation_checkpoint.mode", mode,
                        "--activation_checkpoint.selective_ac_option", option)).losses
     for step in base:
@@ -88,8 +94,8 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
         train(cfg)
 
 
-def test_bf16_autocast_trains_close_to_fp32(tmp_path):
-    fp32 = train(cfg_for(tmp_path / "a", "--training.steps", "2")).losses
+def test_bf16_autocast_trains_close_to_fp32(tmp_path, fp32_two_steps):
+    fp32 = fp32_two_steps
     bf16 = train(cfg_for(tmp_path / "b", "--training.steps", "2", "--training.autocast_dtype", "bfloat16")).losses
     assert bf16[1] == pytest.approx(fp32[1], abs=0.05) and bf16 != fp32
 
