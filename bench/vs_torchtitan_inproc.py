@@ -6,10 +6,16 @@ built by bench/vs_torchtitan.py's builders and stepped alternately, so process-l
 
 Variants: tt, lathe, lathe+KEY=VALUE+... (lathe ModelArgs fields). Env: SHAPE (seed|head), N (measured
 rounds), B (batch), AC, DTYPE (float32|bfloat16), THREADS, FTZ (flush denormals). Printed, never asserted."""
-import os, sys, time, statistics, importlib.util
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
 import torch, torch.nn.functional as F
 from torch import nn
-spec = importlib.util.spec_from_file_location("vt", str(__import__("pathlib").Path(__file__).with_name("vs_torchtitan.py")))
+spec = importlib.util.spec_from_file_location("vt", Path(__file__).with_name("vs_torchtitan.py"))
 vt = importlib.util.module_from_spec(spec); spec.loader.exec_module(vt)
 shape = dict(vt.SHAPES[os.environ.get("SHAPE", "seed")])
 shape["batch"] = int(os.environ.get("B", shape["batch"]))
