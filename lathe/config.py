@@ -146,6 +146,9 @@ class Training:
     compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: fast to compile, for debugging)",
                                ("inductor", "aot_eager", "eager"))
     gc_freq: int = opt(50, "run Python's garbage collector every N steps (0 = automatic GC)")
+    cpu_allocator: str = opt("retain", "CPU runs: retain = glibc malloc keeps freed tensor memory for reuse (no page "
+                             "faults each step; resident memory stays at its peak); system = malloc as it is "
+                             "(lathe/host_memory.py)", ("retain", "system"))
     # What a bad step does (lathe/guard.py, docs/observability.md)
     on_nonfinite: str = opt("stop", "a step whose loss or gradient norm is NaN/inf: stop the run; skip its update on "
                             "every rank; or rollback to the last checkpoint and skip that step's data",

@@ -33,6 +33,7 @@ from lathe.checkpoint.preemption import Preempted, PreemptionWatcher
 from lathe.config import Config
 from lathe.data import build_tokenizer, build_train_data, resolve_vocab_size
 from lathe.evaluation import Validator
+from lathe import host_memory
 from lathe.guard import StepGuard, TrainingError  # noqa: F401 (lathe.trainer.TrainingError for callers)
 from lathe.manifest import RunManifest, exit_status
 from lathe.memcheck import MemoryCheck
@@ -303,6 +304,7 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         gc.disable()  # collect on our schedule, the same step on every rank
 
     device = pick_device(cfg)
+    host_memory.configure(t.cpu_allocator, device.type)  # before the first large allocation
     ck = cfg.checkpoint
     if device.type == "cuda":
         distributed.set_nccl_defaults(cfg.comm.trace_buf_size, dump_folder)

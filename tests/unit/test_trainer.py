@@ -34,9 +34,15 @@ def test_debug_model_loss_falls_within_100_steps(tmp_path):
     assert logged == [1, 25, 50, 75, 100]
 
 
-def test_same_seed_gives_identical_losses_and_another_seed_does_not(tmp_path):
-    a = train(cfg_for(tmp_path / "a", "--training.steps", "4")).losses
-    b = train(cfg_for(tmp_path / "b", "--training.steps", "4")).losses
+def test_same_seed_gives_identical_losses_and_another_seed_does_not(tmp_path, caplog):
+    kept = "host memory: freed tensor memory is kept for reuse"
+    with caplog.at_level("INFO", logger="lathe"):
+        a = train(cfg_for(tmp_path / "a", "--training.steps", "4")).losses
+    assert kept in caplog.text  # training.cpu_allocator retain, the default on a CPU (test_host_memory.py)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lathe"):
+        b = train(cfg_for(tmp_path / "b", "--training.steps", "4", "--training.cpu_allocator", "system")).losses
+    assert kept not in caplog.text
     c = train(cfg_for(tmp_path / "c", "--training.steps", "4", "--training.seed", "7")).losses
     assert a == b
     assert a != c
