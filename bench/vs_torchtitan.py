@@ -25,7 +25,11 @@ seed; every side sees identical tensors, so the tokenizer and corpus cannot diff
 loop around the model: forward, cross-entropy in float32, backward, global-norm clipping at 1.0,
 AdamW (lr 8e-4, betas 0.9/0.95, weight decay 0.1, foreach). What differs is everything the
 frameworks own: the model code (embedding, RMSNorm, RoPE, attention, SwiGLU, output), weight layout
-and activation checkpointing, each built with the framework's own classes and AC wrappers.
+and activation checkpointing, each built with the framework's own classes and AC wrappers, and how
+each framework sets up a CPU process: lathe's worker applies ``training.cpu_allocator`` as ``lathe
+train`` does on a CPU (default ``retain``: glibc keeps freed tensor memory instead of page-faulting
+it back every step, ``lathe/host_memory.py``); torchtitan's trainer sets nothing of the kind.
+``--lathe-cpu-allocator system`` leaves lathe's malloc as it is, so the models alone are compared.
 
 - lathe: ``lathe.models`` (ModelArgs of the llama3 ``debugmodel`` flavor with the shape's
   overrides, plus any ``--lathe-model-arg``), ``lathe.parallel.checkpointing.apply_ac``.
@@ -167,9 +171,14 @@ def build_torchtitan(shape: dict) -> nn.Module:
     return model
 
 
-def worker(side: str, shape_name: str, dtype: str, threads: int, extra: list[str]) -> None:
+def worker(side: str, shape_name: str, dtype: str, threads: int, extra: list[str], cpu_allocator: str) -> None:
     """Build, warm up when told, then run one step per "step" line on stdin, answering its time."""
     torch.set_num_threads(threads)
+    if side == "lathe":  # what lathe's trainer does on a CPU run, before it builds the model
+        sys.path.insert(0, str(ROOT))
+        from lathe import host_memory
+
+        host_memory.configure(cpu_allocator, "cpu")
     shape = SHAPES[shape_name]
     torch.manual_seed(SEED)
     model = build_lathe(shape, extra) if side == "lathe" else build_torchtitan(shape)
@@ -198,6 +207,8 @@ def worker(side: str, shape_name: str, dtype: str, threads: int, extra: list[str
 
     info = {"side": side, "params": sum(p.numel() for p in params), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
+    if side == "lathe":
+        info["cpu_allocator"] = cpu_allocator
     if side == "torchtitan":
         import torchtitan
         info["version"] = getattr(torchtitan, "__version__", "?")
@@ -214,10 +225,12 @@ def worker(side: str, shape_name: str, dtype: str, threads: int, extra: list[str
 
 
 class Side:
-    def __init__(self, side: str, python: str, shape: str, dtype: str, threads: int, extra: list[str]):
+    def __init__(self, side: str, python: str, shape: str, dtype: str, threads: int, extra: list[str],
+                 cpu_allocator: str):
         self.side = side
         cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--shapes", shape, "--dtype", dtype,
-               "--threads", str(threads), *sum((["--lathe-model-arg", e] for e in extra), [])]
+               "--threads", str(threads), "--lathe-cpu-allocator", cpu_allocator,
+               *sum((["--lathe-model-arg", e] for e in extra), [])]
         env = {**os.environ, "PYTHONPATH": str(ROOT) if side == "lathe" else ""}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = self._read()["ready"]
@@ -266,7 +279,8 @@ def run_shape(args: argparse.Namespace, shape: str) -> dict:
           f"{s['batch']} x seq {s['seq']} ({tokens:,} tokens/step), {dtype}, AC {s['ac']}", flush=True)
     for session in range(args.sessions):
         pythons = {"lathe": sys.executable, "torchtitan": args.torchtitan_python}
-        sides = {name: Side(name, pythons[name], shape, dtype, args.threads, args.lathe_model_arg)
+        sides = {name: Side(name, pythons[name], shape, dtype, args.threads, args.lathe_model_arg,
+                            args.lathe_cpu_allocator)
                  for name in ("lathe", "torchtitan")}
         infos = {name: side.info for name, side in sides.items()}
         try:
@@ -304,18 +318,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="precision of the head shape (auto: bf16 where the CPU has native bf16)")
     p.add_argument("--lathe-model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a lathe ModelArgs field for the lathe side, e.g. fused_qkv=true (repeatable)")
+    p.add_argument("--lathe-cpu-allocator", default="retain", choices=("retain", "system"),
+                   help="the lathe side's training.cpu_allocator (default retain, as lathe train on a CPU)")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
     p.add_argument("--worker", choices=("lathe", "torchtitan"), help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.shapes, args.dtype, args.threads, args.lathe_model_arg)
+        worker(args.worker, args.shapes, args.dtype, args.threads, args.lathe_model_arg, args.lathe_cpu_allocator)
         return 0
     if not args.torchtitan_python:
         p.error("--torchtitan-python is required (see the docstring for installing torchtitan)")
     print(f"lathe vs torchtitan, CPU, {args.threads} threads, {args.sessions} session(s) x {args.steps} measured "
           f"interleaved step pairs (after {args.warmup} warm-up) per shape; lathe model args: "
-          f"{args.lathe_model_arg or 'defaults'}", flush=True)
+          f"{args.lathe_model_arg or 'defaults'}; lathe training.cpu_allocator {args.lathe_cpu_allocator}", flush=True)
     results = [run_shape(args, shape) for shape in args.shapes.split(",")]
     print()
     for r in results:

@@ -5,7 +5,9 @@ built by bench/vs_torchtitan.py's builders and stepped alternately, so process-l
     PYTHONPATH=. ~/tt-venv/bin/python bench/vs_torchtitan_inproc.py lathe tt lathe+fused_qkv=true
 
 Variants: tt, lathe, lathe+KEY=VALUE+... (lathe ModelArgs fields). Env: SHAPE (seed|head), N (measured
-rounds), B (batch), AC, DTYPE (float32|bfloat16), THREADS, FTZ (flush denormals). Printed, never asserted."""
+rounds), B (batch), AC, DTYPE (float32|bfloat16), THREADS, FTZ (flush denormals), CPU_ALLOCATOR (system,
+the default here, or retain: lathe's training.cpu_allocator, applied to the whole process, so to both
+models). Printed, never asserted."""
 import importlib.util
 import os
 import statistics
@@ -24,6 +26,11 @@ N = int(os.environ.get("N", 6))
 dtype = os.environ.get("DTYPE", "float32")
 if os.environ.get("FTZ"): torch.set_flush_denormal(True)
 torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
+if os.environ.get("CPU_ALLOCATOR", "system") == "retain":
+    sys.path.insert(0, str(vt.ROOT))
+    from lathe import host_memory
+    if host_memory.retain_freed_memory() is not None:
+        sys.exit("CPU_ALLOCATOR=retain: not available here")
 runs = {}
 for v in sys.argv[1:]:
     torch.manual_seed(0)
