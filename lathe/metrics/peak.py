@@ -234,6 +234,10 @@ CACHE_VERSION = 2
 CACHE_MAX_AGE_DAYS = 30
 TRIALS = 3  # short measurements, a moment apart; the best is kept
 TRIAL_PAUSE_S = 0.2
+# A CPU entry records the 1-minute load average it was measured under; a run that starts with a
+# load at least this much lower measures again and keeps the higher peak (a busy machine only ever
+# makes the measurement lower, and an MFU against too low a peak reads too high).
+LOAD_DROP = 1.0
 
 
 def _cache_key(device: torch.device, name: str, dtype: torch.dtype) -> str:
@@ -256,6 +260,21 @@ def _fresh_entry(entry: Any, dtype: torch.dtype) -> bool:
     if entry.get("threads") not in (None, torch.get_num_threads()):
         return False
     return time.time() - when <= CACHE_MAX_AGE_DAYS * 86400
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average (runnable processes), None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _busier_then(entry: dict[str, Any], load: float | None) -> bool:
+    """A CPU peak measured while the machine was busier than it is now (1-minute load average at
+    least LOAD_DROP higher then): other work shared the cores, so the entry may be too low."""
+    then = entry.get("load")
+    return isinstance(then, (int, float)) and load is not None and then - load >= LOAD_DROP
 
 
 def _measure_best(device: torch.device, dtype: torch.dtype, budget_s: float, trials: int) -> tuple[float, str]:
@@ -285,7 +304,9 @@ def peak_flops(device: torch.device | str, *, dtype: torch.dtype | None = None, 
       is cached in ``peak_flops.json`` under the cache directory (``$LATHE_CACHE_DIR``,
       ``$XDG_CACHE_HOME/lathe`` or ``~/.cache/lathe``), keyed by device name, dtype and torch
       version, plus the thread count on CPU. An entry from an older measuring method or older than
-      :data:`CACHE_MAX_AGE_DAYS` is measured again.
+      :data:`CACHE_MAX_AGE_DAYS` is measured again. On CPU the entry also records the 1-minute load
+      average it was measured under; when a later call finds the load :data:`LOAD_DROP` or more
+      lower, it measures again and keeps the higher of the two peaks (with the lower load).
     * ``at_least``: FLOP/s a run actually achieved. A cached peak below it is wrong (measured while
       the machine was busy), so it is measured again; if the new measurement is still lower, the
       achieved rate itself is the peak (it is a proven lower bound) and the source says so.
@@ -306,7 +327,10 @@ def peak_flops(device: torch.device | str, *, dtype: torch.dtype | None = None, 
     cache_key = _cache_key(device, name, dtype)
     path = _peak_cache_path()
     entry = _read_peak_cache(path).get(cache_key)
-    if _fresh_entry(entry, dtype) and entry["flops"] >= at_least:
+    load = _load_average() if device.type == "cpu" else None
+    fresh = _fresh_entry(entry, dtype)
+    busier = fresh and _busier_then(entry, load)
+    if fresh and entry["flops"] >= at_least and not busier:
         peak = float(entry["flops"])
         source = (
             f"measured {dname} matmul peak for {name!r} ({entry.get('method', '?')}, "
@@ -318,6 +342,9 @@ def peak_flops(device: torch.device | str, *, dtype: torch.dtype | None = None, 
     if at_least > 0 and isinstance(entry, dict):
         why = (f"the run achieved {at_least / 1e12:.3g} TFLOP/s, above the cached peak "
                f"{float(entry.get('flops') or 0) / 1e12:.3g}")
+    elif busier:
+        why = (f"the cached peak was measured under a load average of {entry['load']:.1f}, now "
+               f"{load:.1f}")
     elif isinstance(entry, dict):
         why = "the cached measurement is stale"
     else:
@@ -325,15 +352,19 @@ def peak_flops(device: torch.device | str, *, dtype: torch.dtype | None = None, 
     logger.info("%s for %r in %s; measuring matmul throughput (about %.1f s)...", why, name, dname,
                 (budget_s + TRIAL_PAUSE_S) * trials)
     peak, method = _measure_best(device, dtype, budget_s, trials)
-    measured_at = time.strftime("%Y-%m-%d %H:%M:%S")
+    measured_at, measured_unix, when = time.strftime("%Y-%m-%d %H:%M:%S"), time.time(), "just now"
+    if busier and float(entry["flops"]) > peak:  # the quieter machine measured less: keep the old peak
+        method = f"{entry.get('method', '?')}; at load {load:.1f} a new measurement gave only {peak / 1e12:.3g} TFLOP/s"
+        peak, measured_at, measured_unix = float(entry["flops"]), entry.get("measured_at", "?"), entry["measured_unix"]
+        when = f"on {measured_at}"
     lower_bound = peak < at_least
     if lower_bound:
         peak, method = at_least, f"the FLOP/s a run achieved; a new measurement gave only {peak / 1e12:.3g} TFLOP/s"
     _write_peak_cache(path, cache_key, {
-        "flops": peak, "method": method, "measured_at": measured_at, "measured_unix": time.time(),
+        "flops": peak, "method": method, "measured_at": measured_at, "measured_unix": measured_unix,
         "version": CACHE_VERSION, "dtype": dname, "torch": torch.__version__,
-        "threads": torch.get_num_threads() if device.type == "cpu" else None})
-    source = f"measured {dname} matmul peak for {name!r} ({method}, just now; cached in {path})"
+        "threads": torch.get_num_threads() if device.type == "cpu" else None, "load": load})
+    source = f"measured {dname} matmul peak for {name!r} ({method}, {when}; cached in {path})"
     logger.info("MFU uses peak %.3g TFLOP/s: %s", peak / 1e12, source)
     _logged_peaks.add(cache_key)
     return peak, source

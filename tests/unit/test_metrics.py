@@ -554,3 +554,27 @@ def test_progress_line_for_long_non_training_work(monkeypatch):
     with prog.Progress("fast", total=3, log=quiet.append, first_s=3600) as p:
         p.update(3)
     assert quiet == []  # quick work prints nothing
+
+
+@pytest.mark.parametrize("now,new_value,expected", [(0.5, 2e11, 2e11), (0.5, 0.5e11, 1e11), (2.5, 2e11, 1e11)])
+def test_cpu_peak_measured_under_load_is_measured_again_when_quieter(tmp_path, monkeypatch, now, new_value,
+                                                                     expected):
+    """A peak measured under a 1-minute load average of 3.0 (other work on the cores): a run that
+    starts at load 0.5 measures again and keeps the higher value; at 2.5 (less than LOAD_DROP
+    lower) the cached peak stands. The load the kept value stands for is recorded."""
+    monkeypatch.setenv("LATHE_CACHE_DIR", str(tmp_path))
+    calls = _counting_measure(monkeypatch, value=1e11)
+    monkeypatch.setattr(P, "_load_average", lambda: 3.0)
+    assert M.peak_flops("cpu")[0] == 1e11
+    key, entry = next(iter(json.loads((tmp_path / "peak_flops.json").read_text()).items()))
+    assert entry["load"] == 3.0
+    calls.clear()
+    calls = _counting_measure(monkeypatch, value=new_value)
+    monkeypatch.setattr(P, "_load_average", lambda: now)
+    peak, source = M.peak_flops("cpu")
+    assert peak == expected
+    assert len(calls) == (P.TRIALS if now == 0.5 else 0)
+    entry = json.loads((tmp_path / "peak_flops.json").read_text())[key]
+    assert entry["flops"] == expected and entry["load"] == (now if now == 0.5 else 3.0)
+    if now == 0.5 and new_value < 1e11:
+        assert "a new measurement gave only 0.05 TFLOP/s" in source
