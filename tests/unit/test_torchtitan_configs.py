@@ -13,6 +13,7 @@ tests/parallel/test_torchtitan_options_parallel.py.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -179,11 +180,11 @@ def test_torchtitan_debug_config_trains_unchanged(tmp_path, monkeypatch, era):
     monkeypatch.chdir(tmp_path)
     write_tiktoken_file(tmp_path / sections["model"]["tokenizer_path"], make_docs(200, seed=1, max_words=20))
     path = write_toml(tmp_path / "debug_model.toml", sections)
-    cfg, _ = load_config(["--config", str(path), "--training.steps", "2"])
+    cfg, _ = load_config(["--config", str(path), "--training.steps", "1"])  # a step is 8 x 2048 tokens
     validate(cfg)
     result = train(cfg)
-    assert sorted(result.losses) == [1, 2]
-    assert result.tokens == 2 * 8 * 2048
+    assert sorted(result.losses) == [1] and math.isfinite(result.losses[1])
+    assert result.tokens == 8 * 2048
     assert Path(tmp_path, "outputs", "metrics.jsonl").is_file()  # the file's dump folder, relative to the run
     if era == "2024-09":
         assert any(Path(tmp_path, "outputs", "tb").iterdir())  # the file enables TensorBoard
