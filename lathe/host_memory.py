@@ -31,7 +31,6 @@ import platform
 
 logger = logging.getLogger("lathe")
 
-CHOICES = ("retain", "system")
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_MAX = -4
 
