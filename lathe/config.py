@@ -821,6 +821,8 @@ def _check_policies_and_sinks(cfg: Config) -> None:
     from lathe.guard import parse_batch_ranges  # late import: the config module stays light
 
     for key, on, package, extra in (("metrics.enable_wandb", cfg.metrics.enable_wandb, "wandb", "wandb"),
+                                    ("metrics.enable_tensorboard", cfg.metrics.enable_tensorboard, "tensorboard",
+                                     "tensorboard"),
                                     ("metrics.plot_at_end", cfg.metrics.plot_at_end, "matplotlib", "plot")):
         _require(not on or importlib.util.find_spec(package) is not None, key, on,
                  f"needs the {package} package, which is not installed", f"pip install 'lathe[{extra}]'")

@@ -284,7 +284,7 @@ class LocalSource(Source):
             import pyarrow.parquet as pq
         except ImportError:
             raise ConfigError("training.dataset_path", f"reading {path.name} needs pyarrow",
-                              "pip install pyarrow") from None
+                              "pip install 'lathe[hf]' (or: pip install pyarrow)") from None
         try:
             pf = pq.ParquetFile(path)
             names = pf.schema_arrow.names
@@ -423,7 +423,7 @@ class HFSource(Source):
             import datasets
         except ImportError:
             raise ConfigError(self.option, "Hugging Face datasets need the datasets package",
-                              "pip install datasets") from None
+                              "pip install 'lathe[hf]' (or: pip install datasets)") from None
         try:
             return datasets.load_dataset(self.path, name=self.config, split=self.split, streaming=True)
         except ConfigError:
@@ -488,7 +488,8 @@ def hf_split_names(path: str, config: str | None, option: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise ConfigError(option, "Hugging Face datasets need the datasets package", "pip install datasets") from None
+        raise ConfigError(option, "Hugging Face datasets need the datasets package",
+                          "pip install 'lathe[hf]' (or: pip install datasets)") from None
     try:
         return list(datasets.get_dataset_split_names(path, config_name=config))
     except Exception as e:
@@ -721,9 +722,22 @@ def check_data_config(cfg) -> None:
                 _check_spec(spec, cfg)
 
 
+def _need_package(package: str, option: str, what: str) -> None:
+    """An optional package a source needs, checked before anything starts (pyproject's ``hf`` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(option, f"{what} need the {package} package, which is not installed",
+                          f"pip install 'lathe[hf]' (or: pip install {package})")
+
+
 def _check_spec(spec: SourceSpec, cfg) -> None:
-    if spec.kind == "local":
-        list_local_files(spec.path, spec.option)
+    if spec.kind == "hf":
+        _need_package("datasets", spec.option, "Hugging Face datasets")
+    elif spec.kind == "local":
+        files = list_local_files(spec.path, spec.option)
+        if any(_base_suffix(f) == ".parquet" for f, _ in files):
+            _need_package("pyarrow", spec.option, "parquet files")
     elif spec.kind == "tokens":
         from lathe.data.store import check_store_path
 

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import torch
 
+from lathe.errors import ConfigError
+
 
 class Sink(Protocol):
     """One destination of metrics records."""
@@ -124,11 +126,9 @@ class TensorBoardLogger:
         try:
             # Imported here, not at module top: tensorboard is optional and slow to import.
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ImportError(
-                "TensorBoard logging needs the tensorboard package: "
-                "pip install tensorboard  (or: pip install 'lathe[tensorboard]')"
-            ) from e
+        except ImportError:
+            raise ConfigError("metrics.enable_tensorboard", "needs the tensorboard package, which is not installed",
+                              "pip install 'lathe[tensorboard]' (or: pip install tensorboard)", True) from None
         self.log_dir = Path(log_dir)
         self._writer = SummaryWriter(log_dir=str(self.log_dir))
 
