@@ -86,11 +86,18 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
+_DEBUG_BLOCK = dict(dim=256, n_heads=16, n_kv_heads=None, ffn_mult=None, hidden=768)
 SHAPES = {
-    "seed": dict(n_layers=8, vocab=2256, batch=8, seq=2048, dtype="float32", ac="2", rope_scaling="none"),
-    "head": dict(n_layers=6, vocab=2048, batch=8, seq=2048, dtype="auto", ac="op", rope_scaling="llama3.1"),
+    "seed": dict(n_layers=8, vocab=2256, batch=8, seq=2048, dtype="float32", ac="2", rope_scaling="none",
+                 **_DEBUG_BLOCK),
+    "head": dict(n_layers=6, vocab=2048, batch=8, seq=2048, dtype="auto", ac="op", rope_scaling="llama3.1",
+                 **_DEBUG_BLOCK),
+    # the GPU shape of bench/gpu_check.py: Llama 3.2 1B's block (GQA 32/8, SwiGLU 8192), 16 blocks,
+    # Llama 3's vocabulary; about 1.5B parameters with the untied output layer
+    "gpu1b": dict(n_layers=16, vocab=128256, batch=2, seq=8192, dtype="bfloat16", ac="op", rope_scaling="llama3.1",
+                  dim=2048, n_heads=32, n_kv_heads=8, ffn_mult=1.5, hidden=8192),
 }
-DIM, N_HEADS, HIDDEN, THETA = 256, 16, 768, 500000.0
+THETA = 500000.0
 LR, BETAS, WEIGHT_DECAY, MAX_NORM, SEED = 8e-4, (0.9, 0.95), 0.1, 1.0, 0
 
 
@@ -98,30 +105,31 @@ LR, BETAS, WEIGHT_DECAY, MAX_NORM, SEED = 8e-4, (0.9, 0.95), 0.1, 1.0, 0
 # Workers (run in either environment: only torch and the framework's own modules are imported)
 
 
-def build_lathe(shape: dict, extra: list[str]) -> nn.Module:
+def build_lathe(shape: dict, extra: list[str], device: str = "cpu") -> nn.Module:
     sys.path.insert(0, str(ROOT))
     from lathe.models import MODELS
     from lathe.parallel.checkpointing import apply_ac
 
     changes = {"n_layers": shape["n_layers"], "vocab_size": shape["vocab"], "max_seq_len": shape["seq"],
-               "rope_scaling": shape["rope_scaling"]}
+               "rope_scaling": shape["rope_scaling"], "dim": shape["dim"], "n_heads": shape["n_heads"],
+               "n_kv_heads": shape["n_kv_heads"], "ffn_dim_multiplier": shape["ffn_mult"]}
     for item in extra:
         key, _, raw = item.partition("=")
         changes[key] = raw.lower() == "true" if raw.lower() in ("true", "false") else type(
             getattr(MODELS["llama3"].flavors["debugmodel"], key))(raw)
     args = MODELS["llama3"].flavors["debugmodel"].with_(**changes)
-    assert (args.dim, args.n_heads, args.ffn_hidden_dim, args.rope_theta) == (DIM, N_HEADS, HIDDEN, THETA)
+    assert (args.ffn_hidden_dim, args.rope_theta) == (shape["hidden"], THETA)
     with torch.device("meta"):
         model = MODELS["llama3"].build(args)
     ac = shape["ac"]
     if ac != "none":
         apply_ac(model, "full" if ac == "full" else "selective", "" if ac == "full" else ac)
-    model.to_empty(device="cpu")
-    model.init_weights(buffer_device="cpu")
+    model.to_empty(device=device)
+    model.init_weights(buffer_device=device)
     return model
 
 
-def build_torchtitan(shape: dict) -> nn.Module:
+def build_torchtitan(shape: dict, device: str = "cpu") -> nn.Module:
     from functools import partial
 
     from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
@@ -130,17 +138,17 @@ def build_torchtitan(shape: dict) -> nn.Module:
     from torchtitan.models.common.attention import ScaledDotProductAttention
     from torchtitan.models.common.config_utils import make_ffn_config, make_gqa_config
 
-    vocab = shape["vocab"]
+    vocab, DIM, N_HEADS = shape["vocab"], shape["dim"], shape["n_heads"]
     rope = ComplexRoPE.Config(dim=DIM // N_HEADS, max_seq_len=131072, theta=THETA,
                               scaling="llama" if shape["rope_scaling"] == "llama3.1" else "none")
-    hidden = compute_ffn_hidden_dim(DIM, multiple_of=256)
-    assert hidden == HIDDEN
+    hidden = compute_ffn_hidden_dim(DIM, multiple_of=256, ffn_dim_multiplier=shape["ffn_mult"])
+    assert hidden == shape["hidden"]
     layers = []
     for layer_id in range(shape["n_layers"]):  # as torchtitan's own debugmodel, with SDPA inside
         layers.append(tt.Llama3TransformerBlock.Config(
             attention_norm=RMSNorm.Config(normalized_shape=DIM, param_init=tt._NORM_INIT),
             ffn_norm=RMSNorm.Config(normalized_shape=DIM, param_init=tt._NORM_INIT),
-            attention=make_gqa_config(dim=DIM, n_heads=N_HEADS, n_kv_heads=None, wqkv_param_init=tt._LINEAR_INIT,
+            attention=make_gqa_config(dim=DIM, n_heads=N_HEADS, n_kv_heads=shape["n_kv_heads"], wqkv_param_init=tt._LINEAR_INIT,
                                       wo_param_init=tt._depth_init(layer_id),
                                       inner_attention=ScaledDotProductAttention.Config(), fuse_qkv=True, rope=rope),
             feed_forward=make_ffn_config(dim=DIM, hidden_dim=hidden, w1_param_init=tt._LINEAR_INIT,
@@ -165,34 +173,39 @@ def build_torchtitan(shape: dict) -> nn.Module:
         for name, block in list(model.layers.named_children()):
             if (int(name) + 1) % every == 0:
                 model.layers.register_module(name, wrapper._wrap_block(block, base_fqn=f"layers.{name}"))
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     with torch.no_grad():
-        model.init_states(buffer_device=torch.device("cpu"))
+        model.init_states(buffer_device=torch.device(device))
     return model
 
 
-def worker(side: str, shape_name: str, dtype: str, threads: int, extra: list[str], cpu_allocator: str) -> None:
+def worker(side: str, shape: dict, dtype: str, threads: int, extra: list[str], cpu_allocator: str,
+           device: str = "cpu", compile_blocks: bool = False) -> None:
     """Build, warm up when told, then run one step per "step" line on stdin, answering its time."""
     torch.set_num_threads(threads)
-    if side == "lathe":  # what lathe's trainer does on a CPU run, before it builds the model
+    if side == "lathe" and device == "cpu":  # what lathe's trainer does on a CPU run, before it builds the model
         sys.path.insert(0, str(ROOT))
         from lathe import host_memory
 
         host_memory.configure(cpu_allocator, "cpu")
-    shape = SHAPES[shape_name]
     torch.manual_seed(SEED)
-    model = build_lathe(shape, extra) if side == "lathe" else build_torchtitan(shape)
+    model = build_lathe(shape, extra, device) if side == "lathe" else build_torchtitan(shape, device)
+    if compile_blocks:  # the same treatment for both: each block compiled on its own (as both trainers do)
+        for name, block in list(model.layers.named_children()):
+            model.layers.register_module(name, torch.compile(block))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, foreach=True)
     gen = torch.Generator().manual_seed(SEED)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     n = 0
 
     def step() -> float:
         nonlocal n
-        tokens = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"] + 1), generator=gen)
+        tokens = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"] + 1), generator=gen).to(device)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        sync()
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with autocast:
@@ -202,22 +215,28 @@ def worker(side: str, shape_name: str, dtype: str, threads: int, extra: list[str
         loss.backward()
         nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
         opt.step()
+        sync()
         n += 1
         return time.perf_counter() - start, loss.item()
 
     info = {"side": side, "params": sum(p.numel() for p in params), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": device, "compile": compile_blocks}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
     if side == "lathe":
         info["cpu_allocator"] = cpu_allocator
     if side == "torchtitan":
         import torchtitan
         info["version"] = getattr(torchtitan, "__version__", "?")
     print(json.dumps({"ready": info}), flush=True)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for line in sys.stdin:
         if line.strip() != "step":
             break
         seconds, loss = step()
-        print(json.dumps({"step": n, "seconds": seconds, "loss": loss}), flush=True)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+        print(json.dumps({"step": n, "seconds": seconds, "loss": loss, "peak_gib": peak}), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,11 +244,12 @@ def worker(side: str, shape_name: str, dtype: str, threads: int, extra: list[str
 
 
 class Side:
-    def __init__(self, side: str, python: str, shape: str, dtype: str, threads: int, extra: list[str],
-                 cpu_allocator: str):
+    def __init__(self, side: str, python: str, shape: dict, dtype: str, threads: int, extra: list[str],
+                 cpu_allocator: str, device: str = "cpu", compile_blocks: bool = False):
         self.side = side
-        cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--shapes", shape, "--dtype", dtype,
-               "--threads", str(threads), "--lathe-cpu-allocator", cpu_allocator,
+        cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--shape-json", json.dumps(shape),
+               "--dtype", dtype, "--threads", str(threads), "--lathe-cpu-allocator", cpu_allocator,
+               "--device", device, *(["--compile"] if compile_blocks else []),
                *sum((["--lathe-model-arg", e] for e in extra), [])]
         env = {**os.environ, "PYTHONPATH": str(ROOT) if side == "lathe" else ""}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -247,6 +267,7 @@ class Side:
         self.proc.stdin.write("step\n")
         self.proc.stdin.flush()
         r = self._read()
+        self.peak_gib = r.get("peak_gib", 0.0)
         return r["seconds"], r["loss"]
 
     def close(self) -> None:
@@ -258,8 +279,19 @@ class Side:
         self.proc.wait(timeout=60)
 
 
-def resolve_dtype(shape: str, override: str) -> str:
+def resolve_shape(args: argparse.Namespace, name: str) -> dict:
+    """The named shape with the command line's --seq, --batch and --ac applied."""
+    shape = dict(SHAPES[name])
+    for key in ("seq", "batch", "ac"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    return shape
+
+
+def resolve_dtype(shape: str, override: str, device: str = "cpu") -> str:
     dtype = override if (override != "auto" and shape == "head") else SHAPES[shape]["dtype"]
+    if dtype == "auto" and device == "cuda":
+        dtype = "bfloat16"
     if dtype == "auto":
         sys.path.insert(0, str(ROOT))
         from lathe.precision import cpu_native_dtypes
@@ -269,18 +301,20 @@ def resolve_dtype(shape: str, override: str) -> str:
 
 
 def run_shape(args: argparse.Namespace, shape: str) -> dict:
-    dtype = resolve_dtype(shape, args.head_dtype)
-    s = SHAPES[shape]
+    dtype = resolve_dtype(shape, args.head_dtype, args.device)
+    s = resolve_shape(args, shape)
     tokens = s["batch"] * s["seq"]
     times: dict[str, list[float]] = {"lathe": [], "torchtitan": []}
     pair_ratios: list[float] = []
     infos = {}
-    print(f"\n== shape {shape}: {s['n_layers']} blocks, dim {DIM}, {N_HEADS} heads, vocab {s['vocab']}, batch "
-          f"{s['batch']} x seq {s['seq']} ({tokens:,} tokens/step), {dtype}, AC {s['ac']}", flush=True)
+    print(f"\n== shape {shape}: {s['n_layers']} blocks, dim {s['dim']}, {s['n_heads']} heads "
+          f"({s['n_kv_heads'] or s['n_heads']} KV), FFN {s['hidden']}, vocab {s['vocab']}, batch "
+          f"{s['batch']} x seq {s['seq']} ({tokens:,} tokens/step), {dtype}, AC {s['ac']}, {args.device}"
+          f"{', compiled blocks' if args.compile else ''}", flush=True)
     for session in range(args.sessions):
         pythons = {"lathe": sys.executable, "torchtitan": args.torchtitan_python}
-        sides = {name: Side(name, pythons[name], shape, dtype, args.threads, args.lathe_model_arg,
-                            args.lathe_cpu_allocator)
+        sides = {name: Side(name, pythons[name], s, dtype, args.threads, args.lathe_model_arg,
+                            args.lathe_cpu_allocator, args.device, args.compile)
                  for name in ("lathe", "torchtitan")}
         infos = {name: side.info for name, side in sides.items()}
         try:
@@ -297,19 +331,27 @@ def run_shape(args: argparse.Namespace, shape: str) -> dict:
                     f"{n} {step_times[n]:.2f}s" for n in order) + (" (warm-up)" if k < args.warmup else ""),
                     flush=True)
         finally:
+            peaks = {name: getattr(side, "peak_gib", 0.0) for name, side in sides.items()}
             for side in sides.values():
                 side.close()
     med = {name: statistics.median(ts) for name, ts in times.items()}
     tps = {name: tokens / m for name, m in med.items()}
     return {"shape": shape, "dtype": dtype, "tokens_per_step": tokens, "median_step_s": med, "tokens_per_s": tps,
             "ratio": tps["lathe"] / tps["torchtitan"], "ratio_median_of_steps": statistics.median(pair_ratios),
+            "device": args.device, "compile": args.compile, "seq": s["seq"], "batch": s["batch"], "ac": s["ac"],
+            "peak_gib": peaks,
             "steps_per_side": len(times["lathe"]), "sessions": args.sessions, "infos": infos}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--torchtitan-python", help="python of the environment torchtitan is installed in")
-    p.add_argument("--shapes", default="seed,head", help="comma-separated: seed, head")
+    p.add_argument("--shapes", default="seed,head", help="comma-separated: seed, head, gpu1b")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both models run (default cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block, in both models")
+    p.add_argument("--seq", type=int, help="override the shape's sequence length")
+    p.add_argument("--batch", type=int, help="override the shape's batch size")
+    p.add_argument("--ac", help="override the shape's activation checkpointing: none, op, full, or N (every Nth block)")
     p.add_argument("--steps", type=int, default=8, help="measured interleaved step pairs per session (default 8)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured step pairs first (default 1)")
     p.add_argument("--sessions", type=int, default=1, help="fresh pairs of processes per shape (default 1)")
@@ -323,13 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the results here")
     p.add_argument("--worker", choices=("lathe", "torchtitan"), help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--shape-json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.shapes, args.dtype, args.threads, args.lathe_model_arg, args.lathe_cpu_allocator)
+        worker(args.worker, json.loads(args.shape_json), args.dtype, args.threads, args.lathe_model_arg,
+               args.lathe_cpu_allocator, args.device, args.compile)
         return 0
     if not args.torchtitan_python:
         p.error("--torchtitan-python is required (see the docstring for installing torchtitan)")
-    print(f"lathe vs torchtitan, CPU, {args.threads} threads, {args.sessions} session(s) x {args.steps} measured "
+    print(f"lathe vs torchtitan, {args.device}, {args.threads} threads, {args.sessions} session(s) x {args.steps} measured "
           f"interleaved step pairs (after {args.warmup} warm-up) per shape; lathe model args: "
           f"{args.lathe_model_arg or 'defaults'}; lathe training.cpu_allocator {args.lathe_cpu_allocator}", flush=True)
     results = [run_shape(args, shape) for shape in args.shapes.split(",")]
