@@ -126,14 +126,18 @@ def args_from_hf_config(config: dict, source: str = "hf config") -> ModelArgs:
     if n_heads % n_kv_heads:
         raise ConfigError(source, f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads "
                           f"{n_kv_heads}", "not a Llama layout lathe supports")
-    scaling = config.get("rope_scaling") or {}
-    if not isinstance(scaling, dict):
-        raise ConfigError(source, f"rope_scaling is {scaling!r}, not an object or null", "fix config.json")
+    # transformers 5 writes RoPE settings as rope_parameters {rope_theta, rope_type, ...}; 4.x as
+    # rope_theta and rope_scaling at the top level
+    for key in ("rope_scaling", "rope_parameters"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise ConfigError(source, f"{key} is {config[key]!r}, not an object or null", "fix config.json")
+    rope = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or rope
     rope_scaling = "llama3.1" if scaling.get("rope_type", scaling.get("type")) == "llama3" else "none"
+    theta = _positive_number(config if "rope_theta" in config else rope, "rope_theta", source, 10000.0)
     args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
                      norm_eps=_positive_number(config, "rms_norm_eps", source, 1e-5),
-                     rope_theta=_positive_number(config, "rope_theta", source, 10000.0),
-                     rope_scaling=rope_scaling, max_seq_len=max_seq_len)
+                     rope_theta=theta, rope_scaling=rope_scaling, max_seq_len=max_seq_len)
     # FFN size: lathe derives it from multiple_of / ffn_dim_multiplier; pick the pair that matches.
     for multiple_of in (256, 1024, 4096, 64, 32, 16, 8, 1):
         base = args.with_(multiple_of=multiple_of)
@@ -216,10 +220,14 @@ def _expected_hf_shapes(args: ModelArgs) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in to_hf(model.state_dict(), args).items()}
 
 
-def _check_tensors(found: dict[str, tuple[Path, list[int]]], expected: dict[str, list[int]], config: Path) -> None:
+def _check_tensors(found: dict[str, tuple[Path, list[int]]], expected: dict[str, list[int]], config: Path,
+                   tied: bool = False) -> None:
     """The safetensors files hold exactly the tensors ``config.json`` describes: ConfigError naming
-    the first one that is extra, missing, or of another shape."""
+    the first one that is extra, missing, or of another shape. ``tied``: lm_head.weight may be
+    absent (the embeddings serve as the output layer)."""
     fix = "use the config.json that belongs to these weights"
+    if tied and "lm_head.weight" not in found:
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
     for name, (file, shape) in found.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue  # a derived buffer some checkpoints carry
@@ -257,16 +265,25 @@ def hf_to_lathe(hf_dir: Path, out: Path) -> Path:
                 raise ConfigError(str(f), f"tensor {name!r} is also in {found[name][0].name}",
                                   "remove the duplicate file")
             found[name] = (f, shape)
-    _check_tensors(found, _expected_hf_shapes(args), config_file)
+    tied = config.get("tie_word_embeddings") is True
+    _check_tensors(found, _expected_hf_shapes(args), config_file, tied)
     hf_weights: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             hf_weights.update(load_file(str(f)))
         except Exception as e:  # what the header check above cannot see
             raise ConfigError(str(f), f"cannot be read ({_one_line(e, 200)})", "re-download the file") from None
+    if tied and "lm_head.weight" not in hf_weights:  # lathe's output layer is its own: a copy of the embeddings
+        hf_weights["lm_head.weight"] = hf_weights["model.embed_tokens.weight"].clone()
     weights = {k: v.float() for k, v in from_hf(hf_weights, args).items()}
     target = Path(out) / "step-0"
-    dcp.save({"model": weights}, checkpoint_id=str(target), no_dist=True)
+    try:
+        dcp.save({"model": weights}, checkpoint_id=str(target), no_dist=True)
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ConfigError("output", f"cannot write {target}: {_one_line(e, 200)}", "check the folder, its "
+                          "permissions and free space", str(out)) from None
     sidecar = {"format_version": FORMAT_VERSION, "contents": ["model"], "model": model_identity(args),
                "model_args": dataclasses.asdict(args), "source": str(hf_dir)}
     (target / "train_state.json").write_text(json.dumps(sidecar))

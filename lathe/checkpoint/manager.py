@@ -178,15 +178,15 @@ def read_train_state(path: Path) -> dict[str, Any]:
     if isinstance(version, bool) or version not in READABLE_VERSIONS:  # true == 1 in Python
         raise ConfigError("checkpoint", f"{path} has format version {data.get('format_version')}",
                           f"this lathe reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-    full = "optimizer" in data.get("contents", [])
+    contents = data.get("contents", [])
+    if not isinstance(contents, list) or not all(isinstance(c, str) for c in contents):
+        raise DamagedCheckpoint(file, "'contents' is not a list of names")
+    full = "optimizer" in contents
     missing = [k for k in (SIDECAR_KEYS if full else SIDECAR_KEYS[:4]) if k not in data]
     if full and isinstance(data.get("train_state"), dict):
         missing += [f"train_state.{k}" for k in ("step", "tokens_seen", "loss_log") if k not in data["train_state"]]
     if missing:
         raise DamagedCheckpoint(file, f"missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-    contents = data.get("contents")
-    if not isinstance(contents, list) or not all(isinstance(c, str) for c in contents):
-        raise DamagedCheckpoint(file, "'contents' is not a list of names")
     for key in ("model", "model_args") + (("train_state",) if full else ()):
         if not isinstance(data[key], dict):
             raise DamagedCheckpoint(file, f"'{key}' is not a JSON object")
