@@ -99,7 +99,8 @@ def checkpoint_file(folder: Path, name: str) -> os.stat_result:
     except FileNotFoundError:
         raise DamagedCheckpoint(path, "missing") from None
     except (OSError, RuntimeError) as e:  # a link loop, no permission
-        raise DamagedCheckpoint(path, f"cannot be read ({type(e).__name__}: {getattr(e, 'strerror', None) or e})") from None
+        reason = getattr(e, "strerror", None) or e
+        raise DamagedCheckpoint(path, f"cannot be read ({type(e).__name__}: {reason})") from None
     if not real.is_relative_to(root):
         raise DamagedCheckpoint(path, f"links to {real}, outside the checkpoint folder")
     if not stat.S_ISREG(info.st_mode):

@@ -2,7 +2,8 @@
 
 Resume cases: step-4 of a tiny-Llama checkpoint folder (steps 2 and 4, written once per module by
 the real CheckpointManager) is damaged in one way; the manager's own load() must report it in one
-warning line naming the file (and entry), fall back to step-2, and run no code. Convert cases call
+warning line naming the file (and entry), fall back to step-2, and run no code (one case also
+through ``lathe train``: exit 0, the line on stdout). Convert cases call
 the CLI entry point (``lathe.cli.main``): exit code 2, one line on stderr naming the file and the
 tensor or key, nothing written. The catalogue is docs/reliability.md.
 """
@@ -12,6 +13,7 @@ import logging
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -418,3 +420,19 @@ def test_convert_into_an_unwritable_output_is_one_line(saved, tmp_path, convert)
     (tmp_path / "afile").write_text("x")
     line = one_line(*convert("lathe-to-hf", saved / "run" / "checkpoint" / "step-4", tmp_path / "afile" / "hf"))
     assert "afile/hf" in line and "Not a directory" in line, line
+
+
+def test_resume_through_the_cli_falls_back_with_one_warning_line(run):
+    """The same through ``lathe train`` (one case; the others share the path above): exit 0, one
+    warning line naming manifest.json and the entry, training continues from step 2."""
+    _set_entry(lambda e: {**e, "crc32": []})(run / "checkpoint" / "step-4")
+    proc = subprocess.run([sys.executable, "-m", "lathe", "train", "--model.flavor", "tiny", "--training.seq_len", "32",
+                           "--training.batch_size", "2", "--training.steps", "3", "--checkpoint.enable_checkpoint",
+                           "--checkpoint.interval", "100", "--metrics.log_freq", "1", "--job.dump_folder", str(run)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    damaged = [x for x in proc.stdout.splitlines() if "is damaged" in x]
+    assert len(damaged) == 1 and f"step-4/manifest.json: entry '{SHARD}': 0 crc32 values for 1 chunk" in damaged[0]
+    assert "resumed from step 2 instead of the damaged step-4" in proc.stdout
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == [3]
