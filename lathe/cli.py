@@ -147,10 +147,14 @@ def cmd_convert(argv: list[str]) -> int:
     setup_logging()
     from lathe.checkpoint.hf import hf_to_lathe, lathe_to_hf
 
-    if args.direction == "lathe-to-hf":
-        out = lathe_to_hf(args.source, args.output, args.dtype)
-    else:
-        out = hf_to_lathe(args.source, args.output)
+    try:  # bad input is a ConfigError (one line) from lathe/checkpoint/hf.py
+        if args.direction == "lathe-to-hf":
+            out = lathe_to_hf(args.source, args.output, args.dtype)
+        else:
+            out = hf_to_lathe(args.source, args.output)
+    except OSError as e:  # a folder that cannot be created or written
+        raise ConfigError(str(e.filename or args.output), e.strerror or str(e), "check the path and its "
+                          "permissions") from None
     print(f"wrote {out}")
     return 0
 

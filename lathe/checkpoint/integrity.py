@@ -16,6 +16,14 @@ Two dangers, two defences:
   checks every file's size, the small files fully and a fixed share of the shard chunks, ``off``
   only that the files exist.
 
+The manifest itself is checked like any other file (``manifest_files``): a JSON object with
+``"algorithm": "crc32"`` and, per file, ``size``, ``chunk`` and as many ``crc32`` values as the
+file has chunks. Every name it holds, and every storage file ``.metadata`` names, must be a relative
+path inside the checkpoint folder to a regular file (no ``..``, no absolute paths, no links out of
+the folder, no devices or pipes: ``checkpoint_file``). Every file lathe loads (``.metadata``,
+``train_state.json``, each storage file ``.metadata`` references, the rank's RNG file) must be
+listed: nothing is loaded unverified from a checkpoint that has a manifest.
+
 A checkpoint that fails is reported in one line naming the file and what is wrong
 (``DamagedCheckpoint``); the manager then falls back to the newest earlier checkpoint that passes.
 """
@@ -27,6 +35,8 @@ import json
 import os
 import pickle
 import random
+import re
+import stat
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -42,6 +52,7 @@ MANIFEST = "manifest.json"
 RANK_MANIFESTS = "manifest.d"  # per-rank parts, merged into manifest.json at commit
 CHUNK = 16 * 2**20
 SAMPLE_EVERY = 8  # "sampled": one shard chunk in 8 (plus the first and last of each file)
+MAX_MANIFEST_BYTES = 256 * 2**20  # a real one holds ~11 bytes per 16 MiB chunk: ~3 MB for 5 TB
 
 
 class DamagedCheckpoint(Exception):
@@ -50,6 +61,51 @@ class DamagedCheckpoint(Exception):
     def __init__(self, path: Path, problem: str):
         super().__init__(f"{path}: {problem}")
         self.path, self.problem = path, problem
+
+    def __reduce__(self):  # DCP gathers a rank's exception to the others by pickling it
+        return (type(self), (self.path, self.problem))
+
+
+# ---------------------------------------------------------------------------------------------
+# Which paths a checkpoint may name
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` (from manifest.json or .metadata) is not a relative path inside the checkpoint
+    folder, or None if it is one."""
+    if not isinstance(name, str) or not name:
+        return f"{name!r} is not a file name"
+    if "\0" in name or name.startswith("/") or ".." in PurePosixPath(name).parts:
+        return f"{name!r} is not a relative path inside the checkpoint folder"
+    return None
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a plain file"
+
+
+def checkpoint_file(folder: Path, name: str) -> os.stat_result:
+    """``folder / name`` is a regular file inside ``folder`` (links are followed, and must stay in
+    it); returns its stat, else raises DamagedCheckpoint naming it. ``name`` passed name_problem."""
+    path = folder / name
+    try:
+        real = path.resolve(strict=True)
+        root = folder.resolve(strict=True)
+        info = real.stat()
+    except FileNotFoundError:
+        raise DamagedCheckpoint(path, "missing") from None
+    except (OSError, RuntimeError) as e:  # a link loop, no permission
+        reason = getattr(e, "strerror", None) or e
+        raise DamagedCheckpoint(path, f"cannot be read ({type(e).__name__}: {reason})") from None
+    if not real.is_relative_to(root):
+        raise DamagedCheckpoint(path, f"links to {real}, outside the checkpoint folder")
+    if not stat.S_ISREG(info.st_mode):
+        raise DamagedCheckpoint(path, f"not a regular file ({_kind(info.st_mode)})")
+    return info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +138,9 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_metadata(path: Path) -> dcp_metadata.Metadata:
-    """Parse a DCP ``.metadata`` file safely; raise DamagedCheckpoint if it is not one."""
+    """Parse a DCP ``.metadata`` file safely; raise DamagedCheckpoint if it is not one, or if it
+    names a storage file outside the checkpoint folder."""
+    checkpoint_file(path.parent, path.name)
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -92,11 +150,37 @@ def read_metadata(path: Path) -> dcp_metadata.Metadata:
         raise DamagedCheckpoint(path, f"not valid checkpoint metadata ({type(e).__name__}: {e})") from None
     if not isinstance(metadata, dcp_metadata.Metadata):
         raise DamagedCheckpoint(path, f"not valid checkpoint metadata (holds a {type(metadata).__name__})")
+    storage = metadata.storage_data if metadata.storage_data is not None else {}
+    if not isinstance(storage, dict):
+        raise DamagedCheckpoint(path, "not valid checkpoint metadata (its storage table is not a mapping)")
+    for index, info in storage.items():
+        if not isinstance(info, _StorageInfo):
+            raise DamagedCheckpoint(path, f"entry {_fqn(index)!r}: storage information of the wrong type")
+        if name_problem(info.relative_path):
+            raise DamagedCheckpoint(path, f"entry {_fqn(index)!r} names storage file {info.relative_path!r}, not a "
+                                          "relative path inside the checkpoint folder")
     return metadata
 
 
+def _fqn(index: Any) -> str:
+    return str(getattr(index, "fqn", index))
+
+
+def _reason(e: BaseException) -> str:
+    """One short line for why an entry could not be loaded."""
+    text = " ".join(str(e).split())
+    refused = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", text)
+    if refused:
+        return f"refused by the safe loader: {refused.group(1)[:200]}"
+    return f"cannot be loaded ({type(e).__name__}: {text[:200]})"
+
+
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader with the metadata read by ``read_metadata`` instead of ``pickle.load``."""
+    """DCP's file reader with the metadata read by ``read_metadata`` instead of ``pickle.load``
+    (which also refuses storage files outside the folder), and an entry that cannot be read
+    reported as DamagedCheckpoint naming its file and entry."""
+
+    _reading: _StorageInfo | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
         metadata = read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
@@ -104,6 +188,25 @@ class SafeFileSystemReader(FileSystemReader):
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def _slice_file(self, file, sinfo: _StorageInfo):
+        self._reading = sinfo  # the entry being read, for the report if it fails
+        return super()._slice_file(file, sinfo)
+
+    def read_data(self, plan, planner):
+        self._reading = None
+        try:
+            return super().read_data(plan, planner)
+        except DamagedCheckpoint:
+            raise
+        except Exception as e:  # a payload torch.load refuses or cannot parse, a short file
+            sinfo, folder = self._reading, Path(self.path)
+            if sinfo is None or (isinstance(e, OSError) and e.filename):
+                where = Path(e.filename) if isinstance(e, OSError) and e.filename else folder
+                raise DamagedCheckpoint(where, _reason(e)) from None
+            fqn = next((_fqn(k) for k, v in self.storage_data.items() if v is sinfo), "?")
+            raise DamagedCheckpoint(folder / sinfo.relative_path, f"entry {fqn!r} (bytes {sinfo.offset:,}-"
+                                    f"{sinfo.offset + sinfo.length - 1:,}) {_reason(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,27 +374,69 @@ def write_manifest(folder: Path, world_size: int) -> None:
 
 
 def manifest_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """The ``files`` table of ``folder``'s manifest, checked against the schema: every entry a
+    safe relative name with an integer ``size``, a positive ``chunk`` and one CRC-32 per chunk.
+    Anything else raises DamagedCheckpoint naming manifest.json and the entry."""
     path = folder / MANIFEST
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise DamagedCheckpoint(path, "missing (every complete lathe checkpoint has one)")
+    info = checkpoint_file(folder, MANIFEST)
+    if info.st_size > MAX_MANIFEST_BYTES:
+        raise DamagedCheckpoint(path, f"{info.st_size:,} bytes, more than any real manifest ({MAX_MANIFEST_BYTES:,})")
     try:
-        files = json.loads(path.read_text())["files"]
-        assert isinstance(files, dict)
-        return files
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise DamagedCheckpoint(path, f"unreadable ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise DamagedCheckpoint(path, f"not a JSON object (a {type(data).__name__})")
+    if data.get("algorithm") != "crc32":
+        raise DamagedCheckpoint(path, f"algorithm {data.get('algorithm')!r}, expected 'crc32'")
+    files = data.get("files")
+    if not isinstance(files, dict):
+        raise DamagedCheckpoint(path, "has no 'files' object")
+    for name, entry in files.items():
+        problem = _entry_problem(name, entry)
+        if problem:
+            raise DamagedCheckpoint(path, f"entry {name!r}: {problem}")
+    return files
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry_problem(name: str, entry: Any) -> str | None:
+    """What is wrong with one manifest entry, or None."""
+    problem = name_problem(name)
+    if problem:
+        return problem.replace(f"{name!r} is", "is", 1)
+    if name == MANIFEST:
+        return "the manifest cannot list itself"
+    if not isinstance(entry, dict):
+        return f"a {type(entry).__name__}, not an object with size, chunk and crc32"
+    missing = [k for k in ("size", "chunk", "crc32") if k not in entry]
+    if missing:
+        return f"missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+    size, chunk, crcs = entry["size"], entry["chunk"], entry["crc32"]
+    if not _whole(size) or size < 0:
+        return f"size {size!r} is not a number of bytes"
+    if not _whole(chunk) or chunk <= 0:
+        return f"chunk {chunk!r} is not a positive number of bytes"
+    if not isinstance(crcs, list) or not all(_whole(c) and 0 <= c < 2**32 for c in crcs):
+        return "crc32 is not a list of CRC-32 values"
+    need = max(1, -(-size // chunk))
+    if len(crcs) != need:
+        return f"{len(crcs)} crc32 value{'s' if len(crcs) != 1 else ''} for {need} chunk{'s' if need != 1 else ''}"
+    return None
 
 
 def verify_files(folder: Path, names: list[str], files: dict[str, dict[str, Any]], mode: str) -> None:
-    """Check the named files against their manifest entries; raise DamagedCheckpoint on the first
-    problem. ``mode``: full | sampled | off."""
+    """Check the named files against their (schema-checked) manifest entries; raise
+    DamagedCheckpoint on the first problem. ``mode``: full | sampled | off."""
     for name in names:
         path = folder / name
         entry = files[name]
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise DamagedCheckpoint(path, "missing") from None
+        size = checkpoint_file(folder, name).st_size
         if mode == "off":
             continue
         if size != entry["size"]:
@@ -313,12 +458,26 @@ def my_share(names: list[str], rank: int, world_size: int) -> list[str]:
     return sorted(names)[rank::world_size]
 
 
-def check_metadata(folder: Path) -> None:
-    """``.metadata`` parses safely and names only shard files that exist."""
+def check_metadata(folder: Path, files: dict[str, dict[str, Any]] | None = None) -> None:
+    """``.metadata`` parses safely and names only storage files that are regular files inside the
+    folder, each entry's bytes within its file; with ``files`` (the manifest's table), every one of
+    them must also be listed there (else it would be loaded unverified)."""
     metadata = read_metadata(folder / ".metadata")
-    for info in (metadata.storage_data or {}).values():
-        if not (folder / info.relative_path).is_file():
-            raise DamagedCheckpoint(folder / info.relative_path, "missing (named by .metadata)")
+    sizes: dict[str, int] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        name = info.relative_path
+        if name not in sizes:
+            if files is not None and name not in files:
+                raise DamagedCheckpoint(folder / name, f"named by .metadata but not listed in {MANIFEST} "
+                                        "(it would be loaded unverified)")
+            try:
+                sizes[name] = checkpoint_file(folder, name).st_size
+            except DamagedCheckpoint as e:
+                raise DamagedCheckpoint(e.path, f"{e.problem} (named by .metadata)") from None
+        offset, length = info.offset, info.length
+        if not (_whole(offset) and _whole(length) and offset >= 0 and length >= 0 and offset + length <= sizes[name]):
+            raise DamagedCheckpoint(folder / ".metadata", f"entry {_fqn(index)!r}: bytes {offset!r}+{length!r} of "
+                                    f"{name} lie outside its {sizes[name]:,} bytes")
 
 
 def fsync_dir(path: Path) -> None:

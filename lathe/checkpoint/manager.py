@@ -165,23 +165,31 @@ SIDECAR_KEYS = ("format_version", "contents", "model", "model_args", "train_stat
 def read_train_state(path: Path) -> dict[str, Any]:
     """The JSON sidecar of checkpoint ``path``; DamagedCheckpoint if it is missing or incomplete."""
     file = path / "train_state.json"
+    integrity.checkpoint_file(path, file.name)  # a regular file inside the checkpoint (not /dev/zero)
     try:
         data = json.loads(file.read_text())
     except FileNotFoundError:
         raise DamagedCheckpoint(file, "missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DamagedCheckpoint(file, f"unreadable ({type(e).__name__}: {e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise DamagedCheckpoint(file, f"unreadable ({type(e).__name__}: {_one_line(e, 200)})") from None
     if not isinstance(data, dict):
         raise DamagedCheckpoint(file, "not a JSON object")
-    if data.get("format_version") not in READABLE_VERSIONS:
+    version = data.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:  # true == 1 in Python
         raise ConfigError("checkpoint", f"{path} has format version {data.get('format_version')}",
                           f"this lathe reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-    full = "optimizer" in data.get("contents", [])
+    contents = data.get("contents", [])
+    if not isinstance(contents, list) or not all(isinstance(c, str) for c in contents):
+        raise DamagedCheckpoint(file, "'contents' is not a list of names")
+    full = "optimizer" in contents
     missing = [k for k in (SIDECAR_KEYS if full else SIDECAR_KEYS[:4]) if k not in data]
     if full and isinstance(data.get("train_state"), dict):
         missing += [f"train_state.{k}" for k in ("step", "tokens_seen", "loss_log") if k not in data["train_state"]]
     if missing:
         raise DamagedCheckpoint(file, f"missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    for key in ("model", "model_args") + (("train_state",) if full else ()):
+        if not isinstance(data[key], dict):
+            raise DamagedCheckpoint(file, f"'{key}' is not a JSON object")
     return data
 
 
@@ -192,13 +200,16 @@ def inspect_checkpoint(path: Path, mode: str, rank: int = 0, world_size: int = 1
     if not path.is_dir():
         raise DamagedCheckpoint(path, "not a folder")
     meta = read_train_state(path)
+    files = None
     if meta["format_version"] >= 2:
         files = integrity.manifest_files(path)
-        if ".metadata" not in files:
-            raise DamagedCheckpoint(path / integrity.MANIFEST, "does not list .metadata")
+        rng = f"rng/rank{rank}.json"  # loaded on resume when present: it must be verified too
+        for name in (".metadata", "train_state.json", *([rng] if (path / rng).is_file() else [])):
+            if name not in files:
+                raise DamagedCheckpoint(path / integrity.MANIFEST, f"does not list {name}")
         integrity.verify_files(path, integrity.my_share(list(files), rank, world_size), files, mode)
     if rank == 0 or mode != "off":
-        integrity.check_metadata(path)
+        integrity.check_metadata(path, files)  # every storage file it names is listed (version 2)
     return meta
 
 
@@ -533,6 +544,7 @@ class CheckpointManager:
 
     def _load(self, path: Path, meta: dict[str, Any], model_only: bool, strict: bool = True) -> None:
         start = time.perf_counter()
+        rng = None if model_only else _read_rng(path)  # before anything is changed
         state: dict[str, Any] = {"model": self._model_state()}
         if not model_only:
             state["optimizer"] = self._optimizer_state()
@@ -542,6 +554,9 @@ class CheckpointManager:
         except DamagedCheckpoint:
             raise
         except (Exception, CheckpointException) as e:  # a damaged or truncated shard file
+            damage = _find_exception(e, DamagedCheckpoint)  # the reader names the file and entry
+            if damage is not None:
+                raise damage from None
             raise DamagedCheckpoint(path, f"cannot be loaded ({_one_line(e)})") from None
         state["model"] = to_fused(state["model"], self.args, self._model_state(unfused=False))
         for part in self.model_parts:
@@ -555,9 +570,8 @@ class CheckpointManager:
             if self.data is not None and meta.get("data") is not None:
                 self.data.load_state_dict(meta["data"])
             _restore_train_state(self.train_state, meta["train_state"])
-            rng_file = path / "rng" / f"rank{_rank()}.json"
-            if rng_file.is_file():
-                set_rng_state(json.loads(rng_file.read_text()))
+            if rng is not None:
+                set_rng_state(rng)
         what = "model weights" if model_only else f"everything at step {self.train_state.step}"
         logger.info("loaded %s from %s in %.2fs", what, path, time.perf_counter() - start)
 
@@ -636,9 +650,54 @@ def _state_bytes(manager: CheckpointManager) -> int:
                if isinstance(t, torch.Tensor)) * 3 * manager.world_size  # weights + two Adam moments
 
 
-def _one_line(e: BaseException) -> str:
+def _find_exception(exc: BaseException, cls: type) -> BaseException | None:
+    """The first ``cls`` inside ``exc``: itself, its cause, or a rank's failure DCP wrapped."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, cls):
+            return e
+        todo += [e.__cause__, e.__context__]
+        for v in (getattr(e, "failures", None) or {}).values():  # DCP: rank -> (exception, traceback)
+            todo += [x for x in (v if isinstance(v, tuple) else (v,)) if isinstance(x, BaseException)]
+    return None
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line; for DCP's CheckpointException (whose text holds the ranks'
+    tracebacks) the first rank's exception instead."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        first = first[0] if isinstance(first, tuple) and first else first
+        if isinstance(first, BaseException):
+            e = first
     text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}"
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
+def _read_rng(path: Path) -> dict[str, Any] | None:
+    """This rank's RNG state from ``rng/rankR.json`` (None when the checkpoint has none for this
+    rank); DamagedCheckpoint if it is not a regular file of base64 generator states."""
+    name = f"rng/rank{_rank()}.json"
+    file = path / name
+    if not file.exists() and not file.is_symlink():
+        return None
+    integrity.checkpoint_file(path, name)
+    try:
+        state = json.loads(file.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("cpu"), str):
+            raise ValueError("no 'cpu' generator state")
+        if len(base64.b64decode(state["cpu"], validate=True)) != torch.get_rng_state().numel():
+            raise ValueError("the CPU generator state has the wrong size")
+        if "cuda" in state:
+            base64.b64decode(state["cuda"], validate=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise DamagedCheckpoint(file, f"not an RNG state ({_one_line(e, 200)})") from None
+    return state
 
 
 def _canonical(value: Any) -> Any:
