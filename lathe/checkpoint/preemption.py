@@ -57,7 +57,7 @@ def _handle(signum, frame) -> None:
         _requested = signum
         # os.write, not logging/print: this may interrupt a write of the main thread to the same stream
         _write_stderr(f"lathe: received {signal.Signals(signum).name}: stopping at the next step boundary "
-                      f"(saving a checkpoint if checkpointing is on), exit code {EXIT_PREEMPTED}\n")
+                      f"(saving a checkpoint if checkpointing is on); the run exits with code {EXIT_PREEMPTED}\n")
 
 
 def _write_stderr(text: str) -> None:
@@ -98,7 +98,7 @@ def install() -> bool:
         if marked is not None and _requested is None:
             _requested = marked
             _write_stderr(f"lathe: lathe launch received {signal.Signals(marked).name} before this worker started: "
-                          f"stopping at the next step boundary, exit code {EXIT_PREEMPTED}\n")
+                          f"stopping at the next step boundary; the run exits with code {EXIT_PREEMPTED}\n")
     return True
 
 
