@@ -187,10 +187,10 @@ class _Forwarder:
         self.previous = {}
 
     def __enter__(self):
-        import psutil  # noqa: F401 (imported now, not inside the handler)
-
         for sig in FORWARDED:
             self.previous[sig] = signal.signal(sig, self._handle)
+        import psutil  # noqa: F401 (imported now, not inside the handler)
+
         return self
 
     def set_launch_dir(self, launch_dir: str) -> None:
