@@ -46,12 +46,28 @@ def setup_logging() -> None:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from lathe import config as config_lib
-
     if "-h" in argv or "--help" in argv:
+        from lathe import config as config_lib
+
         print("usage: lathe train [--config FILE] [--print-config] [--section.key VALUE ...]\n")
         print(config_lib.help_text())
         return 0
+    from lathe.checkpoint import preemption
+
+    preemption.pause_point("before-handlers")
+    installed = preemption.install()  # first: a preemption signal from now on is never lost
+    try:
+        return _cmd_train(argv)
+    finally:
+        if installed:
+            preemption.uninstall()
+
+
+def _cmd_train(argv: list[str]) -> int:
+    from lathe import config as config_lib
+    from lathe.checkpoint import preemption
+
+    preemption.pause_point("start")
     cfg, print_config = config_lib.load_config(argv)
     if print_config:
         print(config_lib.to_toml(cfg), end="")
@@ -69,12 +85,17 @@ def cmd_train(argv: list[str]) -> int:
     code = 0
     try:
         train(cfg)
+        signum = preemption.requested()
+        if signum is not None:  # after the last step: the run is complete, the signal still answered
+            code = launch.worker_preempted(cfg.training.steps, saved=True)
+            logging.getLogger("lathe").warning("received a preemption signal after the last step: the run is "
+                                               "complete; exiting %s", _preempted_exit(code))
     except TrainingError as e:
         print(f"lathe: error: {e}", file=sys.stderr)
         code = EXIT_TRAINING_ERROR
     except Preempted as e:
-        code = launch.worker_preempted()
-        logging.getLogger("lathe").warning("%s (exit code %d)", e, code)
+        code = launch.worker_preempted(e.step, e.saved)
+        logging.getLogger("lathe").warning("%s; exiting %s", e, _preempted_exit(code))
     except ConfigError as e:
         handed_over = launch.worker_config_error(e)
         if distributed.world_size() == 1 and not handed_over:
@@ -89,6 +110,12 @@ def cmd_train(argv: list[str]) -> int:
     if distributed.world_size() > 1:
         distributed.finish(code)  # tears down the process group and exits; see its docstring
     return code
+
+
+def _preempted_exit(code: int) -> str:
+    if code == 0:  # a worker under lathe launch: a non-zero exit would make torchrun restart the group
+        return "with code 0 to lathe launch, which exits 75 (preempted)"
+    return f"with code {code} (preempted)"
 
 
 def cmd_tokenizer(argv: list[str]) -> int:

@@ -14,6 +14,11 @@ with what plain torchrun lacks for unattended cluster jobs:
   forwarded to every worker, which saves a checkpoint after the current step and exits 0 with a
   marker; the launcher then exits ``EXIT_PREEMPTED`` (75), so the job script can requeue. (A
   worker exiting non-zero would make torchrun restart it, and plain torchrun exits 1 anyway.)
+  The handler is installed before anything else; a signal that comes while workers are still
+  starting is written as a marker they read once their own handler is in place (only workers
+  with a handler are signalled: see checkpoint/preemption.py), and one that comes before any
+  worker exists ends the launch at once. Whenever the launcher received a preemption signal it
+  exits 75 (unless a config error: 2).
 - A dead worker (kill -9, OOM) makes torchrun stop the others; with ``--max-restarts N`` the group
   restarts and resumes from the latest complete checkpoint (each rendezvous round gets a fresh
   store for the workers, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: see ``main``). Workers die with the launcher
@@ -103,13 +108,14 @@ def worker_config_error(error: ConfigError) -> bool:
     return True
 
 
-def worker_preempted() -> int:
-    """In a worker that saved for preemption: the exit code to use (0 under the launcher, with a
+def worker_preempted(step: int = 0, saved: bool = True) -> int:
+    """In a worker that stopped for preemption: the exit code to use (0 under the launcher, with a
     marker it reads, so torchrun does not restart the group; else 75)."""
     folder = os.environ.get("LATHE_LAUNCH_DIR")
     if folder:
         try:
-            Path(folder, f"preempted.rank{os.environ.get('RANK', '0')}").write_text("")
+            Path(folder, f"preempted.rank{os.environ.get('RANK', '0')}").write_text(
+                f"{'saved' if saved else 'unsaved'} {step}")
             return 0
         except OSError:
             pass
@@ -160,33 +166,70 @@ class _HangReaper:
         self.stop.set()
 
 
-class _Forwarder:
-    """SIGTERM/SIGUSR1 to this process -> the same signal to every worker, which saves a checkpoint
-    and exits 0. Without checkpointing (or at a second signal) there is nothing to wait for: the
-    signal ends the agent as plain torchrun would (it stops the workers), and is never mistaken for
-    a failure to restart from."""
+def _write_stderr(text: str) -> None:
+    try:
+        os.write(2, text.encode())  # not print: a handler may interrupt a write to sys.stderr
+    except OSError:
+        pass
 
-    def __init__(self, workers_save: bool):
+
+class _Forwarder:
+    """SIGTERM/SIGUSR1 to this process, from its first instant: remembered (the launcher then
+    exits 75), written as ``LATHE_LAUNCH_DIR/preempt`` for workers still starting, and sent to every
+    worker whose handler is in place (``ready.PID``); such a worker saves after its current step and
+    exits 0. A second signal during the run ends the agent as plain torchrun would (it stops the
+    workers)."""
+
+    def __init__(self):
         self.received: int | None = None
-        self.workers_save = workers_save
+        self.launch_dir: str | None = None
+        self.in_run = False
         self.previous = {}
 
     def __enter__(self):
         for sig in FORWARDED:
             self.previous[sig] = signal.signal(sig, self._handle)
+        import psutil  # noqa: F401 (imported now, not inside the handler)
+
         return self
 
-    def _handle(self, signum, frame) -> None:
-        import psutil
-        from torch.distributed.elastic.multiprocessing.api import SignalException
+    def set_launch_dir(self, launch_dir: str) -> None:
+        self.launch_dir = launch_dir
+        if self.received is not None:
+            self._mark()
 
-        if not self.workers_save or self.received is not None:
-            self.received = signum
-            raise SignalException(f"lathe launch received {signal.Signals(signum).name}", signal.Signals(signum))
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            if self.in_run:
+                from torch.distributed.elastic.multiprocessing.api import SignalException
+
+                raise SignalException(f"lathe launch received {signal.Signals(signum).name}", signal.Signals(signum))
+            return
         self.received = signum
-        print(f"lathe launch: received {signal.Signals(signum).name}: telling the workers to save and stop",
-              file=sys.stderr, flush=True)
+        _write_stderr(f"lathe launch: received {signal.Signals(signum).name}: telling the workers to save and stop\n")
+        self._mark()
+        self._forward(signum)
+
+    def _mark(self) -> None:
+        """The marker first, then the ready workers: a worker not yet ready reads the marker."""
+        if self.launch_dir is None:
+            return
+        tmp = os.path.join(self.launch_dir, "preempt.tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(str(int(self.received)))
+            os.replace(tmp, os.path.join(self.launch_dir, "preempt"))
+        except OSError:
+            pass
+
+    def _forward(self, signum: int) -> None:
+        import psutil
+
+        if self.launch_dir is None:
+            return
         for child in psutil.Process().children(recursive=False):
+            if not os.path.exists(os.path.join(self.launch_dir, f"ready.{child.pid}")):
+                continue  # still starting: it reads the marker once its handler is in place
             try:
                 child.send_signal(signum)
             except psutil.Error:
@@ -201,6 +244,17 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0
+    from lathe.checkpoint.preemption import pause_point
+
+    with _Forwarder() as forwarder:  # before anything else: no signal is lost
+        pause_point("launcher-start", lambda: forwarder.received is not None)
+        code = _launch(argv, forwarder)
+    if forwarder.received is not None and code != EXIT_CONFIG_ERROR:
+        return EXIT_PREEMPTED
+    return code
+
+
+def _launch(argv: list[str], forwarder: _Forwarder) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -224,28 +278,36 @@ def main(argv: list[str]) -> int:
     check_rendezvous(args)
     launch_dir = tempfile.mkdtemp(prefix="lathe-launch-")
     os.environ["LATHE_LAUNCH_DIR"] = launch_dir
-    # SIGTERM and SIGUSR1 are ours to forward (torchrun's agent would stop the workers instead,
-    # giving them 30 s before SIGKILL, and exit 143). torchrun writes its option into the
-    # environment variable its process handler reads, so set both.
-    ours = ",".join(s.name for s in FORWARDED)
-    theirs = ",".join(x for x in getattr(args, "signals_to_handle", None) or "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
-                      .split(",") if x.strip() not in ours)
-    if hasattr(args, "signals_to_handle"):
-        args.signals_to_handle = theirs
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = theirs
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    # Workers get a fresh store per rendezvous round: sharing the agent's c10d store makes a
-    # restarted group read the previous round's addresses (gloo: "connectFullMesh failed ...
-    # Connection refused"; NCCL: a stale unique id), so --max-restarts never recovers
-    # (pytorch/pytorch#135712, #167288; seen with torch 2.13).
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    if os.environ.get("LATHE_LAUNCH_VERBOSE", "0") != "1":  # torchrun's banner and failure tables
-        for name in list(logging.root.manager.loggerDict):
-            if name.startswith(("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.launcher")):
-                logging.getLogger(name).setLevel(logging.CRITICAL)
-    failures = None
+    forwarder.set_launch_dir(launch_dir)
     try:
-        with _Forwarder(workers_save=cfg.checkpoint.enable_checkpoint) as forwarder, _HangReaper(launch_dir):
+        if forwarder.received is not None:
+            print(f"lathe launch: received {signal.Signals(forwarder.received).name} before any worker started: "
+                  f"nothing to save; exit code {EXIT_PREEMPTED} (a requeued job starts from the latest checkpoint, "
+                  "or from the start)", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
+        # SIGTERM and SIGUSR1 are ours to forward (torchrun's agent would stop the workers instead,
+        # giving them 30 s before SIGKILL, and exit 143). torchrun writes its option into the
+        # environment variable its process handler reads, so set both.
+        ours = ",".join(s.name for s in FORWARDED)
+        theirs = ",".join(x for x in getattr(args, "signals_to_handle", None) or "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+                          .split(",") if x.strip() not in ours)
+        if hasattr(args, "signals_to_handle"):
+            args.signals_to_handle = theirs
+        os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = theirs
+        os.environ.setdefault("PYTHONUNBUFFERED", "1")
+        # Workers get a fresh store per rendezvous round: sharing the agent's c10d store makes a
+        # restarted group read the previous round's addresses (gloo: "connectFullMesh failed ...
+        # Connection refused"; NCCL: a stale unique id), so --max-restarts never recovers
+        # (pytorch/pytorch#135712, #167288; seen with torch 2.13).
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        if os.environ.get("LATHE_LAUNCH_VERBOSE", "0") != "1":  # torchrun's banner and failure tables
+            for name in list(logging.root.manager.loggerDict):
+                if name.startswith(("torch.distributed.run", "torch.distributed.elastic",
+                                    "torch.distributed.launcher")):
+                    logging.getLogger(name).setLevel(logging.CRITICAL)
+        failures = None
+        with _HangReaper(launch_dir):
+            forwarder.in_run = True
             try:
                 run(args)
                 code = 0
@@ -254,9 +316,29 @@ def main(argv: list[str]) -> int:
                 code = 1
             except SignalException as e:
                 code = 128 + int(e.sigval)
+            finally:
+                forwarder.in_run = False
         return _outcome(code, failures, launch_dir, forwarder.received)
     finally:
         shutil.rmtree(launch_dir, ignore_errors=True)
+
+
+def _preempted_summary(markers: list[str]) -> str:
+    """What the ranks' ``preempted.rankR`` markers say: where each stopped, whether it saved."""
+    seen = set()
+    for marker in markers:
+        try:
+            kind, step = Path(marker).read_text().split()
+            seen.add((kind, int(step)))
+        except (OSError, ValueError):
+            continue
+    if not seen:
+        return "no rank reported a save"
+    if len(seen) == 1:
+        kind, step = seen.pop()
+        return f"every rank saved a checkpoint at step {step}" if kind == "saved" else \
+            f"every rank stopped at step {step} with nothing new to save"
+    return "ranks stopped at " + ", ".join(f"step {s} ({k})" for k, s in sorted(seen, key=lambda x: x[1]))
 
 
 def _outcome(code: int, failures, launch_dir: str, received: int | None) -> int:
@@ -266,20 +348,30 @@ def _outcome(code: int, failures, launch_dir: str, received: int | None) -> int:
         print(Path(errors[0]).read_text().strip(), file=sys.stderr)
         return EXIT_CONFIG_ERROR
     preempted = glob.glob(os.path.join(launch_dir, "preempted.rank*"))
+    if received is not None or (code == 0 and preempted):
+        how = f"received {signal.Signals(received).name}" if received is not None else "workers were signalled"
+        note = ""
+        if failures:
+            rank, first = min(failures.items(), key=lambda kv: kv[1].timestamp)
+            note = f"; rank {rank} ended with {_how(first)} after the signal"
+        print(f"lathe launch: preempted ({how}): {_preempted_summary(preempted)}{note}; "
+              f"exit code {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     if code == 0:
-        return EXIT_PREEMPTED if preempted else 0
+        return 0
     if failures:
         codes = {f.exitcode for f in failures.values()}
         if EXIT_HUNG in codes or glob.glob(os.path.join(launch_dir, "*hung.rank*")):
             return EXIT_HUNG
         rank, first = min(failures.items(), key=lambda kv: kv[1].timestamp)
-        how = f"signal {first.signal_name()}" if first.exitcode < 0 else f"exit code {first.exitcode}"
-        print(f"lathe launch: rank {rank} failed first ({how}, pid {first.pid}); "
+        print(f"lathe launch: rank {rank} failed first ({_how(first)}, pid {first.pid}); "
               f"{len(failures)} worker(s) failed in all; their output above says why", file=sys.stderr)
         return 1
-    if received is not None and preempted:
-        return EXIT_PREEMPTED
     return code
+
+
+def _how(failure) -> str:
+    return f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
 
 
 def _local_addresses() -> set[str]:

@@ -190,7 +190,7 @@ def exit_status(error: BaseException | None) -> dict[str, Any]:
     from lathe.guard import TrainingError
 
     if isinstance(error, Preempted):
-        return {"status": "preempted", "exit_code": None, "error": str(error)}
+        return {"status": "preempted", "exit_code": 75, "error": str(error)}
     if isinstance(error, KeyboardInterrupt):
         return {"status": "interrupted", "exit_code": 130}
     code = 3 if isinstance(error, TrainingError) else 2 if isinstance(error, config_lib.ConfigError) else 1

@@ -11,13 +11,22 @@ A second run in the same folder refuses in one line naming the owner, unless the
 a stale lock is reported and taken over. Because only the lock holder runs in the folder, the
 partial checkpoints it finds at start are from dead runs and can be removed safely.
 
+Taking the lock has no window in which another run can see it half-written: the record is written
+to a private temporary file first and ``os.link``-ed into place (atomic; fails if a lock exists).
+A lock is only ever removed (taken over as stale) while holding ``flock`` on ``lathe.lock.guard``,
+so two runs that find the same stale lock cannot both take it. An unreadable lock (empty or cut
+short: a filesystem without hard links, or an older lathe) younger than ``YOUNG_S`` is treated as
+live; a malformed one (a directory, JSON that is not a lock record) is refused in one line.
+
 Limits (documented in docs/reliability.md): the lock is advisory and works on one filesystem view;
 a folder shared by hosts whose clocks disagree by more than ``STALE_S`` may see a live lock as
-stale; two runs that find the same stale lock at the same instant race for it.
+stale; on a filesystem without ``flock`` two runs that find the same stale lock at the same
+instant race for it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -31,6 +40,8 @@ from lathe.errors import ConfigError
 logger = logging.getLogger("lathe")
 
 LOCK_NAME = "lathe.lock"
+GUARD_NAME = "lathe.lock.guard"
+YOUNG_S = 30.0  # an unreadable lock younger than this may be one being written: live
 HEARTBEAT_S = 30.0
 STALE_S = 180.0
 
@@ -65,10 +76,10 @@ def stale_reason(owner: dict, lock_path: Path) -> str | None:
     """Why the lock ``owner`` is stale, or None if its run may still be alive."""
     me = _owner_record()
     if owner.get("slurm_job_id") and owner.get("slurm_job_id") == me["slurm_job_id"] and \
-            int(owner.get("slurm_restart_count", 0)) < me["slurm_restart_count"]:
+            owner.get("slurm_restart_count", 0) < me["slurm_restart_count"]:
         return f"it belongs to an earlier run of Slurm job {owner['slurm_job_id']}"
     if owner.get("host") == me["host"]:
-        pid = int(owner.get("pid", -1))
+        pid = owner["pid"]
         if pid == me["pid"]:
             return None
         if not _alive(pid):
@@ -86,6 +97,19 @@ def stale_reason(owner: dict, lock_path: Path) -> str | None:
     return None
 
 
+def _malformed(owner) -> str | None:
+    """What is wrong with a parsed lock record, or None if it is one."""
+    if not isinstance(owner, dict):
+        return f"it holds JSON {type(owner).__name__}, not a lock record"
+    for key, kind in (("host", str), ("pid", int)):
+        if not isinstance(owner.get(key), kind) or isinstance(owner.get(key), bool):
+            return f"its {key!r} is {owner.get(key)!r}"
+    count = owner.get("slurm_restart_count", 0)
+    if not isinstance(count, int) or isinstance(count, bool):
+        return f"its 'slurm_restart_count' is {count!r}"
+    return None
+
+
 class RunLock:
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_NAME
@@ -94,38 +118,111 @@ class RunLock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> "RunLock":
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        for _ in range(5):
+            if self._create():
+                self._thread = threading.Thread(target=self._heartbeat, name="lathe-lock-heartbeat", daemon=True)
+                self._thread.start()
+                return self
+            with self._guard():
                 self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.record, f)
-            self._thread = threading.Thread(target=self._heartbeat, name="lathe-lock-heartbeat", daemon=True)
-            self._thread.start()
-            return self
         raise ConfigError("job.dump_folder", f"could not take the lock {self.path} (another run keeps taking it)",
                           "use another job.dump_folder", str(self.path.parent))
 
+    def _create(self) -> bool:
+        """Put a complete lock record in place atomically; False if a lock (or anything) is there."""
+        data = json.dumps(self.record).encode()
+        tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, self.path)  # atomic, and fails if the lock exists
+                return True
+            except FileExistsError:
+                return False
+            except OSError as e:  # no hard links here (some FUSE/SMB mounts): exclusive create
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
+                    raise
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:  # readers treat a young unreadable lock as live
+                f.write(data)
+            return True
+        finally:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+    def _guard(self):
+        """Exclusive ``flock`` on ``lathe.lock.guard`` while a lock is judged and removed (a no-op
+        context where the filesystem has no flock)."""
+        import contextlib
+        import fcntl
+
+        @contextlib.contextmanager
+        def held():
+            try:
+                fd = os.open(self.path.with_name(GUARD_NAME), os.O_CREAT | os.O_RDWR, 0o644)
+            except OSError:
+                yield
+                return
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError:
+                    pass
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+
+        return held()
+
+    def _refuse(self, problem: str, fix: str) -> ConfigError:
+        return ConfigError("job.dump_folder", problem, fix, str(self.path.parent))
+
     def _take_over_if_stale(self) -> None:
+        """Under the guard: remove the lock if its run is gone; else refuse in one line."""
         try:
             text = self.path.read_text()
-            owner = json.loads(text)
         except FileNotFoundError:
             return
-        except (OSError, ValueError):
-            owner, text = {}, None
-        reason = stale_reason(owner, self.path) if owner else "it is unreadable"
+        except IsADirectoryError:
+            raise self._refuse(f"the lock {self.path} is a directory, not a lock file",
+                               "remove it if no run uses this folder") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise self._refuse(f"cannot read the lock {self.path}: {getattr(e, 'strerror', None) or e}",
+                               "fix its permissions, or remove it if no run uses this folder") from None
+        try:
+            owner = json.loads(text)
+        except ValueError:
+            owner = None
+        if owner is None:  # empty or cut short: being written (young), or left by a crash (old)
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return
+            if age < YOUNG_S:
+                raise self._refuse(f"another run is starting in this folder (lock {self.path} is being written, "
+                                   f"{age:.0f}s old)", "wait for it, stop it, or use another job.dump_folder")
+            reason = f"it is unreadable and {age:.0f}s old"
+        else:
+            problem = _malformed(owner)
+            if problem is not None:
+                raise self._refuse(f"the lock {self.path} is malformed ({problem})",
+                                   "remove it if no run uses this folder")
+            reason = stale_reason(owner, self.path)
         if reason is None:
-            raise ConfigError("job.dump_folder", f"another run is using this folder (lock {self.path}: pid "
-                              f"{owner.get('pid')} on {owner.get('host')}, started {owner.get('started')})",
-                              "wait for it to finish, stop it, or use another job.dump_folder",
-                              str(self.path.parent))
+            raise self._refuse(f"another run is using this folder (lock {self.path}: pid {owner.get('pid')} on "
+                               f"{owner.get('host')}, started {owner.get('started')})",
+                               "wait for it to finish, stop it, or use another job.dump_folder")
         logger.warning("taking over the stale lock %s: %s", self.path, reason)
         try:
-            if text is None or self.path.read_text() == text:  # nobody took it meanwhile
-                self.path.unlink()
+            self.path.unlink()  # under the guard: nobody else removes it, nobody can create it
         except FileNotFoundError:
             pass
 
@@ -141,7 +238,7 @@ class RunLock:
         try:
             if json.loads(self.path.read_text()).get("pid") == self.record["pid"]:
                 self.path.unlink()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             pass
 
 

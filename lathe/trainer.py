@@ -29,7 +29,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from lathe import config as config_lib
 from lathe.checkpoint.manager import CheckpointManager, TrainState
-from lathe.checkpoint.preemption import Preempted, PreemptionWatcher
+from lathe.checkpoint import preemption
+from lathe.checkpoint.preemption import Preempted
 from lathe.config import Config
 from lathe.data import build_tokenizer, build_train_data, resolve_vocab_size
 from lathe.evaluation import Validator
@@ -274,6 +275,8 @@ def train(cfg: Config) -> TrainResult:
     check_writable(dump_folder, "job.dump_folder")
     if cfg.checkpoint.enable_checkpoint:
         check_writable(dump_folder / cfg.checkpoint.folder, "checkpoint.folder")
+    # SIGTERM/SIGUSR1 are recorded from here on (lathe train installed this handler already)
+    owns_handler = preemption.install()
     # One run per folder: rank 0 holds the lock from before anything is written until the end.
     lock = RunLock(dump_folder).acquire() if distributed.rank() == 0 else None
     # outputs/run.json: what ran, on what, with which data, and how it ended (lathe replay reads it)
@@ -281,7 +284,10 @@ def train(cfg: Config) -> TrainResult:
     try:
         result = _train(cfg, dump_folder)
         if manifest is not None:
-            manifest.finish(exit_status(None), steps=result.steps, tokens=result.tokens)
+            status = exit_status(None)
+            if preemption.requested() is not None:  # after the last step: complete, and still exits 75
+                status["exit_code"] = preemption.EXIT_PREEMPTED
+            manifest.finish(status, steps=result.steps, tokens=result.tokens)
         return result
     except BaseException as e:
         if manifest is not None:
@@ -290,6 +296,8 @@ def train(cfg: Config) -> TrainResult:
     finally:
         if lock is not None:
             lock.release()
+        if owns_handler:
+            preemption.uninstall()
 
 
 def _train(cfg: Config, dump_folder: Path) -> TrainResult:
@@ -310,6 +318,7 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         distributed.set_nccl_defaults(cfg.comm.trace_buf_size, dump_folder)
     own_group = distributed.init(device, cfg.comm.init_timeout_seconds,
                                  single_process_group=ck.enable_checkpoint and ck.async_mode == "async_with_pinned_mem")
+    preemption.pause_point("build")
     dims = ParallelDims.from_config(cfg.parallelism, distributed.world_size())
     meshes = dims.build_meshes(device.type)
     dp_rank = meshes.dp.get_local_rank() if meshes.dp is not None else 0
@@ -360,8 +369,21 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         checkpointer.save(0, last_step=True, weights_only=True)
         logger.info("seed checkpoint written to %s", checkpointer.folder / "step-0")
         return TrainResult(dump_folder=dump_folder, model_parts=parts)
+
+    def stop_if_preempted() -> None:
+        """Before the loop: every rank stops alike if any was signalled (nothing new to save)."""
+        if preemption.agree(preemption.requested() is not None, checkpointer.control, device):
+            if hasattr(data, "close"):
+                data.close()
+            if own_group:
+                torch.distributed.destroy_process_group()
+            raise Preempted(train_state.step, saved=False)
+
+    stop_if_preempted()  # signalled during start-up or the model build
     last_logged = last_logged_step(dump_folder) if is_logging_rank else 0
+    preemption.pause_point("load")
     checkpointer.load()
+    stop_if_preempted()  # signalled during the checkpoint load
     if is_logging_rank:
         log_restart(train_state.step, last_logged)
     if train_state.step > t.steps:
@@ -408,13 +430,14 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         with maybe_profile(prof.enable_profiling, dump_folder / prof.save_traces_folder,
                            prof.profile_freq, global_step=train_state.step) as profiler, \
              maybe_memory_snapshot(prof.enable_memory_snapshot, dump_folder / prof.save_memory_snapshot_folder,
-                                   prof.profile_freq, global_step=train_state.step) as snapshotter, \
-             preemption_watch(checkpointer.enabled) as preemption:
+                                   prof.profile_freq, global_step=train_state.step) as snapshotter:
             step = first_step - 1
             while step < t.steps:
                 step += 1
                 if t.gc_freq and step % t.gc_freq == 0:
                     gc.collect(1)
+                if step == first_step:
+                    preemption.pause_point("step")  # the first step compiles
                 with memory_check.measuring(step):
                     loss = step_fn.run(step)
                 if step_fn.verdict.rollback:  # reload the last checkpoint; its step is where we continue
@@ -443,18 +466,22 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
                 if validator is not None and (step % cfg.validation.freq == 0 or last):
                     with suspended(watchdog):
                         metrics.log_validation(step, step_fn.validate(validator))
-                preempted = preemption is not None and checkpointer.agree(preemption.requested)
-                if preempted or checkpointer.should_save(step, last):
+                # every rank stops at the same step if any was signalled (checkpointing off: the
+                # default group agrees; one tiny all-reduce per step)
+                preempted = preemption.agree(preemption.requested() is not None, checkpointer.control, device)
+                if (preempted and checkpointer.enabled) or checkpointer.should_save(step, last):
                     guard.check()  # never checkpoint a diverged model
+                    preemption.pause_point("save")
                     with suspended(watchdog):
                         checkpointer.save(step, last_step=last or preempted,
                                           weights_only=last and cfg.checkpoint.model_weights_only)
                 if preempted:
-                    raise Preempted(step)
+                    raise Preempted(step, saved=checkpointer.enabled)
                 if profiler is not None:
                     profiler.step()
                 if snapshotter is not None:
                     snapshotter.step()
+        preemption.pause_point("end")
         checkpointer.close()
         failed = False
     except BaseException:
@@ -491,15 +518,6 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
 
 def suspended(watchdog: Watchdog | None):
     return watchdog.suspend() if watchdog is not None else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def preemption_watch(enabled: bool):
-    if not enabled:
-        yield None
-        return
-    with PreemptionWatcher() as watcher:
-        yield watcher
 
 
 class StepRunner:
