@@ -259,7 +259,49 @@ def cmd_replay(argv: list[str]) -> int:
     setup_logging()
     from lathe.manifest import replay
 
+    _check_replay_record(args.run_dir)
     return replay(args.run_dir, args.output, overrides, args.force)
+
+
+def _check_replay_record(run_dir: str) -> None:
+    """A run.json that replay can read: an object whose parts have the types lathe writes (a damaged
+    or hand-made file is one line, not a traceback)."""
+    import json
+    from pathlib import Path
+
+    from lathe.manifest import MANIFEST, read_manifest
+
+    read_manifest(run_dir)  # a missing or unreadable file: its own line
+    path = Path(run_dir) / MANIFEST
+    record = json.loads(path.read_text())
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError("RUN_DIR", f"{path} is not a lathe run manifest: {what}",
+                           "point it at the job.dump_folder of a lathe run, or restore its run.json", run_dir)
+
+    def kind(v) -> str:
+        names = {dict: "an object", list: "a list", str: "text", int: "a number", float: "a number", bool: "true/false"}
+        return "null" if v is None else names.get(type(v), type(v).__name__)
+
+    if not isinstance(record, dict):
+        raise bad(f"it holds {kind(record)}, not an object")
+    config = record.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("job"), dict):
+        raise bad(f"its 'config' is {kind(config)}, not the run's config (an object of sections)")
+    for section, values in config.items():
+        if not isinstance(values, dict):
+            raise bad(f"config section '{section}' is {kind(values)}, not an object")
+    expected = {"world": dict, "tokenizer": dict, "data": list, "previous_runs": list}
+    for key, typ in expected.items():
+        if key in record and not isinstance(record[key], typ):
+            raise bad(f"its '{key}' is {kind(record[key])}, not {kind(typ())}")
+    for key in ("data", "previous_runs"):
+        if any(not isinstance(x, dict) for x in record.get(key, [])):
+            raise bad(f"its '{key}' holds something other than objects")
+    for key in ("world_size", "nodes"):
+        v = record.get("world", {}).get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad(f"world.{key} is {v!r}, not a positive whole number")
 
 
 COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "tokenizer": cmd_tokenizer,

@@ -486,6 +486,11 @@ def _read_toml(path: str) -> dict[str, dict[str, Any]]:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("job.config_file", f"not valid TOML: {e}", "fix the file", path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("job.config_file", f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "TOML files are UTF-8", "save it as UTF-8, e.g. with iconv -f latin1 -t utf-8", path) from None
+    except OSError as e:
+        raise ConfigError("job.config_file", f"cannot read it: {e.strerror or e}", "check the file", path) from None
     return data
 
 
