@@ -122,11 +122,41 @@ def cmd_tokenizer(argv: list[str]) -> int:
     if args.vocab_size < 300:
         raise ConfigError("--vocab-size", "must be at least 300 (256 bytes + special tokens + merges)",
                           "e.g. 4096", args.vocab_size)
+    empty = [f for f in files if not _has_text(f)]
+    if files and len(empty) == len(files):
+        raise ConfigError("files", f"no text to train on: {', '.join(map(str, files[:5]))} "
+                          f"{'holds' if len(files) == 1 else 'hold'} none (empty, only whitespace, or empty documents)",
+                          "give files that hold text: .txt, or .jsonl with a text field")
+    if empty:
+        logging.getLogger("lathe").warning("tokenizer: %d of %d files hold no text and add nothing: %s", len(empty),
+                                           len(files), ", ".join(map(str, empty[:5])))
     if not files:
         files = [build_corpus().train]
-    out = train_tokenizer(files, args.vocab_size, Path(args.output))
+    try:
+        out = train_tokenizer(files, args.vocab_size, Path(args.output))
+    except UnicodeDecodeError as e:
+        raise ConfigError("files", f"not UTF-8 text ({e.reason} at byte {e.start})",
+                          "convert the files to UTF-8, e.g. with iconv -f latin1 -t utf-8") from None
     print(f"wrote {out}")
     return 0
+
+
+def _has_text(path) -> bool:
+    """Whether a tokenizer training file holds any non-whitespace text (reading only as far as
+    the first); a file that is not UTF-8 is a ConfigError."""
+    from lathe.data.tokenizer import _iter_training_texts
+
+    try:
+        if path.suffix == ".jsonl":
+            return any(text.strip() for text in _iter_training_texts([path]))
+        with path.open(encoding="utf-8") as fh:
+            while chunk := fh.read(1 << 20):
+                if chunk.strip():
+                    return True
+        return False
+    except UnicodeDecodeError as e:
+        raise ConfigError("files", f"not UTF-8 text ({e.reason} at byte {e.start})",
+                          "convert it to UTF-8, e.g. with iconv -f latin1 -t utf-8", str(path)) from None
 
 
 def cmd_data(argv: list[str]) -> int:

@@ -88,7 +88,7 @@ def check_launcher_args(args) -> None:
         raise ConfigError("--nproc-per-node", "must be at least 1", fix, args.nproc_per_node)
     try:
         low, high = parse_min_max_nnodes(str(args.nnodes))
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError):
         raise ConfigError("--nnodes", "not a node count", "a number of nodes N, or a range MIN:MAX",
                           args.nnodes) from None
     if not 1 <= int(low) <= int(high):
