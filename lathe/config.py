@@ -262,9 +262,9 @@ class Metrics:
     rank_0_only: bool = opt(True, "only the metrics rank writes TensorBoard files")
     enable_wandb: bool = opt(False, "log to Weights & Biases")
     wandb_project: str = opt("", "W&B project; empty = $WANDB_PROJECT, else lathe")
-    wandb_entity: str = opt("", "W&B team or user; empty = your default entity")
-    wandb_run_name: str = opt("", "W&B run name; empty = W&B picks one")
-    wandb_tags: list = opt([], "W&B tags, comma-separated")
+    wandb_entity: str = opt("", "W&B team or user; empty = $WANDB_ENTITY, else your default entity")
+    wandb_run_name: str = opt("", "W&B run name; empty = $WANDB_NAME, else W&B picks one")
+    wandb_tags: list = opt([], "W&B tags, comma-separated; empty = $WANDB_TAGS")
     wandb_mode: str = opt("auto", "auto = W&B's own choice ($WANDB_MODE, else online); online; or offline: "
                           "write the W&B run to disk only (upload it later with wandb sync)",
                           ("auto", "online", "offline"))
