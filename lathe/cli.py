@@ -149,11 +149,41 @@ def cmd_tokenizer(argv: list[str]) -> int:
     if args.vocab_size < 300:
         raise ConfigError("--vocab-size", "must be at least 300 (256 bytes + special tokens + merges)",
                           "e.g. 4096", args.vocab_size)
+    empty = [f for f in files if not _has_text(f)]
+    if files and len(empty) == len(files):
+        raise ConfigError("files", f"no text to train on: {', '.join(map(str, files[:5]))} "
+                          f"{'holds' if len(files) == 1 else 'hold'} none (empty, only whitespace, or empty documents)",
+                          "give files that hold text: .txt, or .jsonl with a text field")
+    if empty:
+        logging.getLogger("lathe").warning("tokenizer: %d of %d files hold no text and add nothing: %s", len(empty),
+                                           len(files), ", ".join(map(str, empty[:5])))
     if not files:
         files = [build_corpus().train]
-    out = train_tokenizer(files, args.vocab_size, Path(args.output))
+    try:
+        out = train_tokenizer(files, args.vocab_size, Path(args.output))
+    except UnicodeDecodeError as e:
+        raise ConfigError("files", f"not UTF-8 text ({e.reason} at byte {e.start})",
+                          "convert the files to UTF-8, e.g. with iconv -f latin1 -t utf-8") from None
     print(f"wrote {out}")
     return 0
+
+
+def _has_text(path) -> bool:
+    """Whether a tokenizer training file holds any non-whitespace text (reading only as far as
+    the first); a file that is not UTF-8 is a ConfigError."""
+    from lathe.data.tokenizer import _iter_training_texts
+
+    try:
+        if path.suffix == ".jsonl":
+            return any(text.strip() for text in _iter_training_texts([path]))
+        with path.open(encoding="utf-8") as fh:
+            while chunk := fh.read(1 << 20):
+                if chunk.strip():
+                    return True
+        return False
+    except UnicodeDecodeError as e:
+        raise ConfigError("files", f"not UTF-8 text ({e.reason} at byte {e.start})",
+                          "convert it to UTF-8, e.g. with iconv -f latin1 -t utf-8", str(path)) from None
 
 
 def cmd_data(argv: list[str]) -> int:
@@ -290,7 +320,49 @@ def cmd_replay(argv: list[str]) -> int:
     setup_logging()
     from lathe.manifest import replay
 
+    _check_replay_record(args.run_dir)
     return replay(args.run_dir, args.output, overrides, args.force)
+
+
+def _check_replay_record(run_dir: str) -> None:
+    """A run.json that replay can read: an object whose parts have the types lathe writes (a damaged
+    or hand-made file is one line, not a traceback)."""
+    import json
+    from pathlib import Path
+
+    from lathe.manifest import MANIFEST, read_manifest
+
+    read_manifest(run_dir)  # a missing or unreadable file: its own line
+    path = Path(run_dir) / MANIFEST
+    record = json.loads(path.read_text())
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError("RUN_DIR", f"{path} is not a lathe run manifest: {what}",
+                           "point it at the job.dump_folder of a lathe run, or restore its run.json", run_dir)
+
+    def kind(v) -> str:
+        names = {dict: "an object", list: "a list", str: "text", int: "a number", float: "a number", bool: "true/false"}
+        return "null" if v is None else names.get(type(v), type(v).__name__)
+
+    if not isinstance(record, dict):
+        raise bad(f"it holds {kind(record)}, not an object")
+    config = record.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("job"), dict):
+        raise bad(f"its 'config' is {kind(config)}, not the run's config (an object of sections)")
+    for section, values in config.items():
+        if not isinstance(values, dict):
+            raise bad(f"config section '{section}' is {kind(values)}, not an object")
+    expected = {"world": dict, "tokenizer": dict, "data": list, "previous_runs": list}
+    for key, typ in expected.items():
+        if key in record and not isinstance(record[key], typ):
+            raise bad(f"its '{key}' is {kind(record[key])}, not {kind(typ())}")
+    for key in ("data", "previous_runs"):
+        if any(not isinstance(x, dict) for x in record.get(key, [])):
+            raise bad(f"its '{key}' holds something other than objects")
+    for key in ("world_size", "nodes"):
+        v = record.get("world", {}).get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad(f"world.{key} is {v!r}, not a positive whole number")
 
 
 COMMANDS = {"train": cmd_train, "launch": cmd_launch, "slurm": cmd_slurm, "tokenizer": cmd_tokenizer,

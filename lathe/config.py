@@ -261,12 +261,13 @@ class Metrics:
     save_tb_folder: str = opt("tb", "TensorBoard folder under job.dump_folder")
     rank_0_only: bool = opt(True, "only the metrics rank writes TensorBoard files")
     enable_wandb: bool = opt(False, "log to Weights & Biases")
-    wandb_project: str = opt("lathe", "W&B project")
-    wandb_entity: str = opt("", "W&B team or user; empty = your default entity")
-    wandb_run_name: str = opt("", "W&B run name; empty = W&B picks one")
-    wandb_tags: list = opt([], "W&B tags, comma-separated")
-    wandb_mode: str = opt("online", "online, or offline: write the W&B run to {dump_folder}/wandb only "
-                          "(upload it later with wandb sync)", ("online", "offline"))
+    wandb_project: str = opt("", "W&B project; empty = $WANDB_PROJECT, else lathe")
+    wandb_entity: str = opt("", "W&B team or user; empty = $WANDB_ENTITY, else your default entity")
+    wandb_run_name: str = opt("", "W&B run name; empty = $WANDB_NAME, else W&B picks one")
+    wandb_tags: list = opt([], "W&B tags, comma-separated; empty = $WANDB_TAGS")
+    wandb_mode: str = opt("auto", "auto = W&B's own choice ($WANDB_MODE, else online); online; or offline: "
+                          "write the W&B run to disk only (upload it later with wandb sync)",
+                          ("auto", "online", "offline"))
     plot_at_end: bool = opt(False, "at the end of training write {dump_folder}/metrics.png, as lathe plot "
                             "does (needs matplotlib: pip install 'lathe[plot]')")
 
@@ -485,6 +486,11 @@ def _read_toml(path: str) -> dict[str, dict[str, Any]]:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("job.config_file", f"not valid TOML: {e}", "fix the file", path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("job.config_file", f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "TOML files are UTF-8", "save it as UTF-8, e.g. with iconv -f latin1 -t utf-8", path) from None
+    except OSError as e:
+        raise ConfigError("job.config_file", f"cannot read it: {e.strerror or e}", "check the file", path) from None
     return data
 
 
@@ -826,6 +832,10 @@ def _check_policies_and_sinks(cfg: Config) -> None:
                                     ("metrics.plot_at_end", cfg.metrics.plot_at_end, "matplotlib", "plot")):
         _require(not on or importlib.util.find_spec(package) is not None, key, on,
                  f"needs the {package} package, which is not installed", f"pip install 'lathe[{extra}]'")
+    if cfg.metrics.enable_wandb:  # online needs an API key: one line now, not a prompt or a traceback later
+        from lathe.metrics.wandb_sink import check_config as check_wandb
+
+        check_wandb(cfg)
 
     t = cfg.training
     spike = t.loss_spike_factor

@@ -79,6 +79,27 @@ def _world_size(args) -> int | None:
         return None  # "auto"/"gpu" per node, or elastic node ranges: checked by the workers
 
 
+def check_launcher_args(args) -> None:
+    """The process and node counts torchrun would reject later with a traceback: one line now."""
+    from torch.distributed.run import determine_local_world_size, parse_min_max_nnodes
+
+    fix = "a number of processes per node, or auto, cpu or gpu"
+    try:
+        n = determine_local_world_size(str(args.nproc_per_node))
+    except ValueError as e:
+        problem = "not a number of processes" if str(e).startswith("Unsupported") else str(e)
+        raise ConfigError("--nproc-per-node", problem, fix, args.nproc_per_node) from None
+    if n < 1:
+        raise ConfigError("--nproc-per-node", "must be at least 1", fix, args.nproc_per_node)
+    try:
+        low, high = parse_min_max_nnodes(str(args.nnodes))
+    except (ValueError, RuntimeError):
+        raise ConfigError("--nnodes", "not a node count", "a number of nodes N, or a range MIN:MAX",
+                          args.nnodes) from None
+    if not 1 <= int(low) <= int(high):
+        raise ConfigError("--nnodes", "needs 1 <= MIN <= MAX", "a number of nodes N, or a range MIN:MAX", args.nnodes)
+
+
 def die_with_parent() -> None:
     """Linux: get SIGTERM when the launching process dies (so a kill -9 of torchrun or of
     ``lathe launch`` leaves no orphaned workers training on; SIGTERM means save and exit)."""
@@ -270,6 +291,7 @@ def _launch(argv: list[str], forwarder: _Forwarder) -> int:
 
     parser.error = one_line_error
     args = parser.parse_args([*launcher_argv, "-m", "lathe", "train", *train_argv])
+    check_launcher_args(args)
     cfg, _ = config_lib.load_config(train_argv)
     world = _world_size(args)
     if world is not None:  # else ("auto" processes, elastic node ranges) the workers check it

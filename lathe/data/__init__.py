@@ -132,6 +132,7 @@ def build_train_data(cfg, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) ->
                     else "")
     stream = PackedStream(docs, tokenizer, t.seq_len, t.batch_size, dp_rank=dp_rank, dp_degree=dp_degree,
                           document_ids=wants_document_ids(cfg), encode_batch_size=encode_batch_size)
+    stream.option = "training.dataset_mix" if t.dataset_mix else train_specs(cfg)[0][0].option
     return DataLoader(stream, workers=t.data_workers, lockstep=isinstance(tokenizer, SplitTokenizer))
 
 

@@ -67,6 +67,7 @@ LLMC_FORMATS = {(20240520, 1): np.dtype(np.uint16), (20240801, 7): np.dtype(np.u
 _LLMC_MAGICS = {magic for magic, _ in LLMC_FORMATS}
 
 _PAGE = mmap.PAGESIZE
+_CHECK_BLOCK = 1 << 22  # index entries checked per numpy operation (bounded temporary memory)
 
 
 class TokenFileError(ValueError):
@@ -275,9 +276,51 @@ class IndexedFile(TokenFile):
                                  "runs, or an interrupted copy)")
         if D < 1 or int(self.doc_index[0]) != 0 or int(self.doc_index[-1]) != S:
             raise TokenFileError(f"{self.path}: document indices must run from 0 to the sequence count {S}")
+        self._check_index(isz)
         self.num_documents = D - 1
         self.num_tokens = bin_size // isz
         self._open_tokens(bin_path, 0, self.num_tokens)
+
+    def _check_index(self, isz: int) -> None:
+        """Every entry of the index, in blocks of numpy operations (bounded memory; about a second
+        for 100M sequences): lengths not negative, each pointer where the previous sequence ends
+        (sequences back to back in ``.bin``: no overlap, no gap, never backwards), document indices
+        within the sequence count and never decreasing. Raises `TokenFileError` at the first bad entry."""
+        S, D = len(self.lengths), len(self.doc_index)
+        for lo in range(0, S, _CHECK_BLOCK):
+            hi = min(S, lo + _CHECK_BLOCK)
+            lengths = self.lengths[lo:hi]
+            bad = np.flatnonzero(lengths < 0)
+            if bad.size:
+                i = lo + int(bad[0])
+                raise TokenFileError(f"{self.path}: sequence {i} has a negative length ({int(self.lengths[i])}): "
+                                     "the index is damaged")
+            # pointer[i+1] must equal pointer[i] + length[i] * itemsize, for i in [lo, hi) (and i+1 < S)
+            stop = min(hi, S - 1)
+            ends = self.pointers[lo:stop] + lengths[:stop - lo].astype(np.int64) * isz
+            nxt = self.pointers[lo + 1:stop + 1]
+            bad = np.flatnonzero(nxt != ends)
+            if bad.size:
+                i = lo + int(bad[0])
+                p, q, end = int(self.pointers[i]), int(self.pointers[i + 1]), int(ends[bad[0]])
+                what = ("runs backwards" if q < p else "overlaps the sequence before it" if q < end
+                        else "leaves a gap after the sequence before it")
+                raise TokenFileError(f"{self.path}: sequence {i + 1} starts at byte {q:,}, where sequence {i} "
+                                     f"(byte {p:,}, {int(self.lengths[i]):,} tokens) ends at byte {end:,}: the "
+                                     f"pointer {what}; the index is damaged or not written as Megatron writes it")
+        for lo in range(0, D, _CHECK_BLOCK):
+            block = self.doc_index[lo:min(D, lo + _CHECK_BLOCK + 1)]  # one entry of overlap
+            bad = np.flatnonzero((block < 0) | (block > S))
+            if bad.size:
+                i = lo + int(bad[0])
+                raise TokenFileError(f"{self.path}: document index entry {i} is {int(self.doc_index[i]):,}, outside "
+                                     f"the sequence count {S:,}: the index is damaged")
+            bad = np.flatnonzero(np.diff(block) < 0)
+            if bad.size:
+                i = lo + int(bad[0]) + 1
+                raise TokenFileError(f"{self.path}: document index entry {i} ({int(self.doc_index[i]):,}) is below "
+                                     f"the one before it ({int(self.doc_index[i - 1]):,}): document indices must "
+                                     "never decrease; the index is damaged")
 
     def document_starts(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         docs = np.asarray(docs, dtype=np.int64)

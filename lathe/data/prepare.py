@@ -385,6 +385,9 @@ def _config_for(text_field: str, split: str):
 
 def _check_output(out: Path, plan: dict) -> bool:
     """Refuse a foreign or differently planned output folder; True if it is already complete."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--output", "is a file, not a folder", "name a new or empty folder to write the shards in",
+                          str(out))
     plan_file = out / PLAN
     if plan_file.is_file():
         try:
@@ -401,7 +404,11 @@ def _check_output(out: Path, plan: dict) -> bool:
     if out.exists() and any(not p.name.startswith(f"{PLAN}.tmp") for p in out.iterdir()):
         raise ConfigError("--output", "folder exists and is not a lathe data prepare output",
                           "choose a new or empty folder", str(out))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent is a file, no permission, read-only file system
+        raise ConfigError("--output", f"cannot create the folder: {e.strerror or e}",
+                          "name a folder that can be created", str(out)) from None
     _write_json(plan_file, plan)
     return False
 

@@ -353,13 +353,15 @@ class LocalSource(Source):
             yield self._decode(raw, key)
 
     def probe(self, option: str) -> None:
-        total = 0
+        total, kept, whole = 0, 0, len(self.files) <= _PROBE_FILES
         for path, key in self.files[:_PROBE_FILES]:
             try:
                 first = [self._decode(raw, key) for raw in islice(self._raw(path), _PROBE_RECORDS)]
             except OSError as e:
                 raise ConfigError(option, f"cannot read {path}: {e}", "check the file and its permissions") from None
             total += len(first)
+            whole = whole and len(first) < _PROBE_RECORDS  # the probe saw every record of the file
+            kept += sum(self.heldout != "exclude" or not is_heldout(key, i) for i in range(len(first)))
             if first and all(isinstance(r, BadRecord) for r in first):
                 raise _bad_record_error(option, first[0], self.text_field)
             _check_not_all_empty(first, option, key)
@@ -368,6 +370,12 @@ class LocalSource(Source):
                 return  # the first files are empty; later ones are checked while streaming
             names = ", ".join(k for _, k in self.files[:5])
             raise ConfigError(option, f"empty dataset: no records in {names}", "point it at files with documents")
+        if whole and kept == 0:  # a tiny dataset whose every record is in the held-out split
+            names = ", ".join(k for _, k in self.files[:5])
+            raise ConfigError(option, f"no training documents: the {total} record(s) of {names} all fall in the ~1% "
+                              "held out for validation (chosen by a hash of file name and record number)",
+                              "add documents, or keep validation data in its own file next to the training files "
+                              "(named like validation.jsonl): then nothing is held out")
 
 
 def _bad_record_error(option: str, bad: BadRecord, text_field: str) -> ConfigError:

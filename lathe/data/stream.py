@@ -59,6 +59,7 @@ import torch
 
 from lathe.data.sources import BadRecord, CallableSource, Source
 from lathe.data.tokenizer import Tokenizer
+from lathe.errors import ConfigError
 
 logger = logging.getLogger("lathe")
 
@@ -184,6 +185,9 @@ class DocumentStream:
         name = self.sources[s].name
         if self._saw_epoch_start[s] and self._good_in_epoch[s] == 0:
             if self.indices[s] == 0:
+                if getattr(self.sources[s], "heldout", None) == "exclude":
+                    raise ValueError(f"dataset is empty: {name} has no documents outside the ~1% of records held "
+                                     "out for validation")
                 raise ValueError(f"dataset is empty: {name} has no documents")
             raise ValueError(f"no usable documents in {name}: all {self.indices[s]} records were skipped "
                              "as undecodable (see the warnings above)")
@@ -319,6 +323,9 @@ class PackedStream:
         self.infinite = documents.infinite
         self.encode_batch_size = encode_batch_size
         self.document_ids = document_ids
+        # The option that names the data in messages: set, the data's problems (too small, empty)
+        # are ConfigErrors (one line for the user) rather than ValueErrors.
+        self.option: str | None = None
 
         # --- The resumable state (what state_dict() saves). ---
         # Tokens appended but not yet cut into windows. Windows are cut as soon as a global
@@ -372,7 +379,15 @@ class PackedStream:
         the token's index inside its document (0 at its BOS)."""
         B, W = self.batch_size, self.window_len
         global_tokens = B * self.dp_degree * W
-        if not self._fill(global_tokens):
+        try:
+            filled = self._fill(global_tokens)
+        except ValueError as e:
+            if self.option is None or isinstance(e, ConfigError):
+                raise
+            small = "too small" in str(e)
+            raise ConfigError(self.option, str(e), "use a smaller training.seq_len or training.batch_size, or more "
+                              "documents" if small else "point it at data with documents") from None
+        if not filled:
             raise StopIteration
         # The global batch is B*D consecutive windows, i.e. global_tokens consecutive tokens, and
         # this rank's B windows are one contiguous slice of them.
