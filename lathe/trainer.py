@@ -391,7 +391,7 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
                       log_event=metrics.log_event)
     memory_check = MemoryCheck(cfg, dims, parts, optimizers, device, meshes.pp.get_local_rank() if meshes.pp else 0,
                                args.vocab_size, t.steps, enabled=cfg.memory_estimation.check)
-    grad_sync = layout_from_config(cfg, dims, args.vocab_size, device).grad_sync
+    grad_sync = accumulation_sync(cfg, dims, args.vocab_size, device)
     if accum > 1 and dims.fsdp_enabled and dims.pp == 1:
         logger.info("gradient accumulation: %s (training.gradient_accumulation_sync %s)", {
             "every_microbatch": "gradients reduce-scattered every micro-batch (sharded)",
@@ -510,6 +510,21 @@ def preemption_watch(enabled: bool):
         yield watcher
 
 
+def accumulation_sync(cfg: Config, dims: ParallelDims, vocab_size: int, device: torch.device) -> str:
+    """``training.gradient_accumulation_sync`` for this run; ``auto`` asks the analytic memory model
+    whether unsharded gradients fit this GPU (memory_model.resolve_grad_sync). A layout the model
+    fails on gets the memory-safe every_microbatch."""
+    mode = cfg.training.gradient_accumulation_sync
+    if mode != "auto":
+        return mode
+    try:
+        return layout_from_config(cfg, dims, vocab_size, device).grad_sync
+    except Exception as e:  # a layout the model does not cover must not stop training
+        logger.warning("training.gradient_accumulation_sync auto: the analytic model failed for this layout "
+                       "(%s: %s); reducing gradients every micro-batch", type(e).__name__, e)
+        return "every_microbatch"
+
+
 class StepRunner:
     """One optimizer step: micro-batches (forward, loss, backward), clipping, optimizer, schedule."""
 
@@ -537,8 +552,9 @@ class StepRunner:
         if grad_sync is None:
             mode = cfg.training.gradient_accumulation_sync
             grad_sync = "every_microbatch" if mode == "auto" else mode
-        self.sync_every = grad_sync == "every_microbatch" and dims.fsdp_enabled
-        self.hsdp = dims.fsdp_enabled and dims.dp_replicate > 1
+        # (Under PP torch's pipeline stage decides when FSDP reduces: at the end of each batch.)
+        self.sync_every = grad_sync == "every_microbatch" and dims.fsdp_enabled and pipeline is None
+        self.hsdp = dims.fsdp_enabled and dims.dp_replicate > 1 and pipeline is None
 
     def run(self, step: int) -> torch.Tensor:
         self.optimizers.zero_grad()
