@@ -143,8 +143,9 @@ class Candidate:
 
     def overrides(self) -> list[str]:
         lay = self.layout
-        out = ["--parallelism.dp_replicate", str(lay.dp_replicate), "--parallelism.dp_shard", str(lay.dp_shard // lay.cp),
-               "--parallelism.cp", str(lay.cp), "--parallelism.tp", str(lay.tp), "--parallelism.pp", str(lay.pp)]
+        out = ["--parallelism.dp_replicate", str(lay.dp_replicate),
+               "--parallelism.dp_shard", str(lay.dp_shard // lay.cp), "--parallelism.cp", str(lay.cp),
+               "--parallelism.tp", str(lay.tp), "--parallelism.pp", str(lay.pp)]
         if lay.pp > 1:
             out += ["--parallelism.pp_schedule", lay.pp_schedule, "--parallelism.pp_microbatches",
                     str(lay.pp_microbatches)]
@@ -377,7 +378,8 @@ def format_table(cands: list[Candidate], top: int, cfg: Config, nodes: int, gpus
     mode = "compiled" if cfg.training.compile else "eager"
     lines = [f"lathe plan: {cfg.model.name} {cfg.model.flavor} on {nodes} x {gpus_per_node} {device.name} "
              f"({device.memory_gib:g} GiB, {device.peak_flops / 1e12:.0f} TFLOP/s bf16), seq {cfg.training.seq_len}, "
-             f"global batch {global_batch} sequences, {mode}", f"{len(cands)} layouts fit; the fastest {min(top, len(cands))}:", ""]
+             f"global batch {global_batch} sequences, {mode}",
+             f"{len(cands)} layouts fit; the fastest {min(top, len(cands))}:", ""]
     width = max([len("layout")] + [len(c.name) for c in cands[:top]])
     head = (f"{'#':>3}  {'layout':<{width}}  {'AC':<7} {'micro x acc':<11} {'sync':<5} {'GiB/rank':>8} {'free':>5} "
             f"{'tok/s/GPU':>10} {'MFU':>6} {'step s':>8}  limited by")
