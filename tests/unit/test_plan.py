@@ -141,3 +141,11 @@ def test_estimate_and_analytic_model_agree_in_both_sync_modes():
         assert abs(analytic / fake - 1) <= 0.05, f"{mode}: analytic {analytic:,} B, fake estimate {fake:,} B"
         peaks[mode] = fake
     assert peaks["every_microbatch"] < 0.9 * peaks["last_microbatch"]
+
+
+def test_bad_headroom_is_one_line(capsys):
+    from lathe import cli
+
+    assert cli.main(["plan", "--nodes", "1", "--gpus-per-node", "8", "--device", "H100", "--headroom", "1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--headroom" in err
