@@ -129,6 +129,11 @@ class Training:
     seq_len: int = opt(256, "tokens per sequence")
     steps: int = opt(300, "optimizer steps to train")
     gradient_accumulation_steps: int = opt(1, "micro-batches accumulated per optimizer step")
+    gradient_accumulation_sync: str = opt(
+        "auto", "FSDP with accumulation: every_microbatch = reduce-scatter each micro-batch's gradients (sharded "
+        "gradients, least memory); last_microbatch = keep them unsharded until the last (less communication); "
+        "auto = last_microbatch when the memory model says it fits the GPU, else every_microbatch "
+        "(docs/planning.md)", ("auto", "every_microbatch", "last_microbatch"))
     global_batch_size: int = opt(
         0, "sequences per optimizer step over all ranks; 0 = batch_size x accumulation x DP")
     max_norm: float = opt(1.0, "clip the global gradient norm to this value; 0 disables clipping")

@@ -17,8 +17,9 @@ AC under TP). ``lathe estimate`` measures instead of modelling; use it when the 
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lathe.models.llama import ModelArgs
 
@@ -49,6 +50,11 @@ class Layout:
     loss_parallel: bool = True
     cp: int = 1  # context parallel: each rank holds seq_len / cp tokens of every sequence
     optimizer_states: int = 2  # Adam and AdamW keep two per parameter
+    # FSDP with gradient accumulation (training.gradient_accumulation_sync, resolved: never "auto"):
+    # "every_microbatch" reduce-scatters each micro-batch's gradients into the sharded gradients;
+    # "last_microbatch" keeps them unsharded (reduce dtype) until the last micro-batch
+    grad_sync: str = "last_microbatch"
+    cpu_offload: bool = False  # FSDP CPU offload: parameters, gradients, optimizer live in host memory
 
     @property
     def fsdp(self) -> bool:
@@ -83,6 +89,7 @@ class RankMemory:
     unsharded: int  # FSDP's all-gathered parameters alive at the peak
     communication: int  # pipeline send/receive buffers, DDP buckets
     phases: dict[str, int] = field(default_factory=dict)
+    host: int = 0  # bytes in host memory instead (FSDP CPU offload: parameters, gradients, optimizer)
 
     @property
     def peak(self) -> int:
@@ -157,13 +164,22 @@ def stage_layout(lay: Layout) -> tuple[int, list[list[_Stage]], int]:
         block_numel = sum(math.prod(s) for s, _ in block_params(a))
         block = 6 * block_numel + flops_per_token(a, 0, lay.seq_len) / a.n_layers
         table = a.vocab_size * a.dim
-        ranges = pl.balanced_layer_ranges(block, a.n_layers, num_stages, first_extra=2 * table, last_extra=6 * table)
+        ranges = _balanced_ranges(block, a.n_layers, num_stages, 2 * table, 6 * table)
     v_shaped = pl.is_v_shaped(cls)
     per_rank = []
     for r in range(lay.pp):
         ids = pl.stage_ids(r, lay.pp, num_stages, v_shaped)
         per_rank.append([_Stage(ranges[s][1] - ranges[s][0], s == 0, s == num_stages - 1) for s in ids])
     return num_stages, per_rank, lay.pp_microbatches or num_stages
+
+
+@functools.lru_cache(maxsize=1024)
+def _balanced_ranges(block: float, n_layers: int, num_stages: int, first_extra: float, last_extra: float):
+    """``pipeline.balanced_layer_ranges``, remembered: ``lathe plan`` asks for the same split for
+    every candidate of a pipeline degree, and each answer takes tens of milliseconds."""
+    from lathe.parallel import pipeline as pl
+
+    return pl.balanced_layer_ranges(block, n_layers, num_stages, first_extra=first_extra, last_extra=last_extra)
 
 
 def param_bytes(lay: Layout, stages: list[_Stage]) -> tuple[int, int, int, int]:
@@ -335,11 +351,21 @@ def rank_memory(lay: Layout, pp_rank: int = 0) -> RankMemory:
         communication += grads
     # Gradients exist during forward/backward when an earlier micro-batch produced them. FSDP
     # accumulates them unsharded (in the reduce dtype) until the last micro-batch reduce-scatters
-    # (gradient accumulation, pipeline micro-batches).
+    # (pipeline micro-batches; gradient accumulation with grad_sync "last_microbatch"); with
+    # "every_microbatch" each micro-batch's backward reduce-scatters into the sharded gradients.
     grads_in_flight = grads if (lay.accumulation > 1 or _overlapping_schedule(lay)) else 0
-    if lay.fsdp and grads_in_flight:
+    sharded_accumulation = lay.pp == 1 and lay.grad_sync == "every_microbatch"
+    if lay.fsdp and grads_in_flight and not sharded_accumulation:
         local = sum(st.blocks for st in stages) * block_numel + root_numel
         grads_in_flight = local * BYTES[lay.reduce_dtype]
+    host = 0
+    if lay.cpu_offload and lay.fsdp:
+        # The sharded parameters, their gradients and the optimizer step live in host memory; the
+        # device holds what FSDP copies over for the unit it gathers (counted with the unsharded).
+        host = params + grads + optim
+        if sharded_accumulation or not lay.accumulation > 1:
+            grads_in_flight = 0
+        params = grads = optim = 0
     static = params + optim + buffers + communication + unsharded
     phases = {"backward start": static + grads_in_flight + acts + loss}
     if lay.ac_mode == "full" or (lay.ac_mode == "selective" and lay.ac_option != "op"):
@@ -368,7 +394,41 @@ def rank_memory(lay: Layout, pp_rank: int = 0) -> RankMemory:
                                             + root_numel * (param_bytes_compute + BYTES[lay.reduce_dtype]) + table)
     phases["optimizer step"] = params + grads + optim + buffers + communication + params
     return RankMemory(pp_rank, params, grads, optim, buffers, acts, block_activations(lay) * tokens, loss,
-                      unsharded, communication, phases)
+                      unsharded, communication, phases, host)
+
+
+FIT_MARGIN = 0.10  # a layout fits when the analytic peak 10% higher (the model's error) still fits
+
+
+def device_need(lay: Layout) -> int:
+    """Bytes the most loaded rank needs on a CUDA device: the analytic peak with ``FIT_MARGIN``,
+    plus the overheads ``lathe estimate`` adds (allocator fragmentation, CUDA context, NCCL)."""
+    from lathe.estimate import device_overheads
+
+    degrees = {"dp_replicate": lay.dp_replicate, "dp_shard": lay.dp_shard, "tp": lay.tp, "pp": lay.pp}
+    worst = 0
+    for r in range(lay.pp):
+        peak = int(rank_memory(lay, r).peak * (1 + FIT_MARGIN))
+        worst = max(worst, peak + sum(device_overheads(peak, degrees).values()))
+    return worst
+
+
+def resolve_grad_sync(mode: str, lay: Layout, device_bytes: int | None = None) -> str:
+    """``training.gradient_accumulation_sync`` for a layout. ``auto``: "last_microbatch" (one
+    reduce-scatter per step) when the layout fits ``device_bytes`` with unsharded gradients, by
+    ``device_need``; else, or when the device's memory is unknown (CPU runs, ``lathe estimate``
+    without a device), "every_microbatch". Without FSDP sharding or accumulation the two are the
+    same; under PP torch's schedule reduce-scatters at the end of every batch whatever is asked."""
+    if mode != "auto":
+        return mode
+    if not lay.fsdp or lay.accumulation == 1 or lay.pp > 1:
+        return "last_microbatch" if lay.pp == 1 else "every_microbatch"
+    if device_bytes is None:
+        return "every_microbatch"
+    from dataclasses import replace
+
+    return "last_microbatch" if device_need(replace(lay, grad_sync="last_microbatch")) <= device_bytes \
+        else "every_microbatch"
 
 
 def _overlapping_schedule(lay: Layout) -> bool:
@@ -392,13 +452,27 @@ def layout_from_config(cfg, dims, vocab_size: int, device=None) -> Layout:
     param_dtype = t.mixed_precision_param
     if param_dtype == "auto":
         param_dtype = "bfloat16" if device is None else str(precision.param_dtype("auto", device)[0]).split(".")[-1]
-    return Layout(args=args, seq_len=t.seq_len, batch_size=t.batch_size,
+    on_gpu = device is None or device.type == "cuda"
+    lay = Layout(args=args, seq_len=t.seq_len, batch_size=t.batch_size,
                   accumulation=config_lib.accumulation_steps(cfg, dims.dp), dp_replicate=dims.dp_replicate,
                   dp_shard=dims.dp_shard * dims.cp, cp=dims.cp, tp=dims.tp, pp=dims.pp, pp_schedule=p.pp_schedule,
                   pp_microbatches=p.pp_microbatches, pp_stages_per_rank=p.pp_stages_per_rank,
                   pp_split_points=tuple(p.pp_split_points), ac_mode=ac.mode, ac_option=ac.selective_ac_option,
                   param_dtype=param_dtype, reduce_dtype=t.mixed_precision_reduce,
-                  loss_parallel=p.loss_parallel)
+                  loss_parallel=p.loss_parallel, cpu_offload=t.enable_cpu_offload and on_gpu)
+    return replace(lay, grad_sync=resolve_grad_sync(t.gradient_accumulation_sync, lay, device_memory(device)))
+
+
+def device_memory(device) -> int | None:
+    """Usable bytes of a CUDA ``device`` (what decides ``gradient_accumulation_sync auto``); None
+    for anything else."""
+    if device is None or getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    from lathe.devices import USABLE_FRACTION
+
+    return int(torch.cuda.get_device_properties(device).total_memory * USABLE_FRACTION)
 
 
 def estimate_rank(cfg, dims, vocab_size: int, pp_rank: int = 0, device=None) -> RankMemory:

@@ -38,6 +38,7 @@ from lathe import host_memory
 from lathe.guard import StepGuard, TrainingError  # noqa: F401 (lathe.trainer.TrainingError for callers)
 from lathe.manifest import RunManifest, exit_status
 from lathe.memcheck import MemoryCheck
+from lathe.memory_model import layout_from_config
 from lathe.metrics import MetricsProcessor, make_dist_reduce_fn
 from lathe.metrics.wandb_sink import optional_sinks
 from lathe import precision
@@ -412,8 +413,15 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
                       log_event=metrics.log_event)
     memory_check = MemoryCheck(cfg, dims, parts, optimizers, device, meshes.pp.get_local_rank() if meshes.pp else 0,
                                args.vocab_size, t.steps, enabled=cfg.memory_estimation.check)
+    grad_sync = accumulation_sync(cfg, dims, args.vocab_size, device)
+    if accum > 1 and dims.fsdp_enabled and dims.pp == 1:
+        logger.info("gradient accumulation: %s (training.gradient_accumulation_sync %s)", {
+            "every_microbatch": "gradients reduce-scattered every micro-batch (sharded)",
+            "last_microbatch": "gradients kept unsharded until the last micro-batch"}[grad_sync],
+            t.gradient_accumulation_sync)
     step_fn = StepRunner(parts, pipeline, optimizers, schedules, data, metrics, device, accum, cfg, dims, cp,
-                         pp_group=meshes.pp.get_group() if meshes.pp is not None else None, guard=guard)
+                         pp_group=meshes.pp.get_group() if meshes.pp is not None else None, guard=guard,
+                         grad_sync=grad_sync)
     result = TrainResult(dump_folder=dump_folder, model_parts=parts)
     tokens_per_step = t.batch_size * t.seq_len * accum * dp_degree
     logger.info("training steps %d to %d: batch %d x accumulation %d x DP %d = %d sequences of %d tokens "
@@ -520,11 +528,27 @@ def suspended(watchdog: Watchdog | None):
     return watchdog.suspend() if watchdog is not None else contextlib.nullcontext()
 
 
+def accumulation_sync(cfg: Config, dims: ParallelDims, vocab_size: int, device: torch.device) -> str:
+    """``training.gradient_accumulation_sync`` for this run; ``auto`` asks the analytic memory model
+    whether unsharded gradients fit this GPU (memory_model.resolve_grad_sync). A layout the model
+    fails on gets the memory-safe every_microbatch."""
+    mode = cfg.training.gradient_accumulation_sync
+    if mode != "auto":
+        return mode
+    try:
+        return layout_from_config(cfg, dims, vocab_size, device).grad_sync
+    except Exception as e:  # a layout the model does not cover must not stop training
+        logger.warning("training.gradient_accumulation_sync auto: the analytic model failed for this layout "
+                       "(%s: %s); reducing gradients every micro-batch", type(e).__name__, e)
+        return "every_microbatch"
+
+
 class StepRunner:
     """One optimizer step: micro-batches (forward, loss, backward), clipping, optimizer, schedule."""
 
     def __init__(self, parts, pipeline, optimizers, schedules, data, metrics, device, accum, cfg: Config,
-                 dims: ParallelDims, cp: ContextParallel, pp_group=None, guard: StepGuard | None = None):
+                 dims: ParallelDims, cp: ContextParallel, pp_group=None, guard: StepGuard | None = None,
+                 grad_sync: str | None = None):
         self.parts, self.pipeline, self.pp_group, self.cp = parts, pipeline, pp_group, cp
         self.attention = (cfg.model.attention_mask, cfg.model.document_positions)
         self.optimizers, self.schedules = optimizers, schedules
@@ -540,6 +564,15 @@ class StepRunner:
         self.backward_context = lambda: compiled_autograd(cfg.experimental.enable_compiled_autograd,
                                                           cfg.training.compile_backend)
         self.ntokens, self.lr, self.grad_norm = 0, 0.0, None
+        # training.gradient_accumulation_sync, resolved (memory_model.resolve_grad_sync; "auto"
+        # without a device to decide on = every_microbatch): FSDP reduce-scatters every micro-batch
+        # (HSDP's all-reduce across replicas still once, at the last), or only the last one.
+        if grad_sync is None:
+            mode = cfg.training.gradient_accumulation_sync
+            grad_sync = "every_microbatch" if mode == "auto" else mode
+        # (Under PP torch's pipeline stage decides when FSDP reduces: at the end of each batch.)
+        self.sync_every = grad_sync == "every_microbatch" and dims.fsdp_enabled and pipeline is None
+        self.hsdp = dims.fsdp_enabled and dims.dp_replicate > 1 and pipeline is None
 
     def run(self, step: int) -> torch.Tensor:
         self.optimizers.zero_grad()
@@ -549,8 +582,9 @@ class StepRunner:
             self.guard.drop_skipped_windows(self.data_iter)
         first_window = self.data_iter.position
         for micro in range(self.accum):
+            last = micro == self.accum - 1
             for part in self.parts:
-                set_gradient_sync(part, micro == self.accum - 1)  # reduce grads once, at the end
+                set_gradient_sync(part, last or self.sync_every, all_reduce=last if self.hsdp else None)
             start = time.perf_counter()
             batch = next(self.data_iter)
             self.metrics.data_loading_time(time.perf_counter() - start)

@@ -50,7 +50,12 @@ def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> None:
     logger.info("applied DDP over %d ranks", mesh.size())
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Skip the gradient reduction on all but the last micro-batch of an accumulation (FSDP)."""
+def set_gradient_sync(model: nn.Module, enabled: bool, all_reduce: bool | None = None) -> None:
+    """Whether this micro-batch's backward reduces gradients (FSDP reduce-scatters them into the
+    sharded gradients; off = they accumulate unsharded until a backward with it on). ``all_reduce``
+    (HSDP): whether the reduce-scattered shard is also all-reduced across replicas; off = FSDP keeps
+    the partial sum and all-reduces it with the next backward that has it on."""
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(enabled)
+    if all_reduce is not None and hasattr(model, "set_requires_all_reduce"):
+        model.set_requires_all_reduce(all_reduce)

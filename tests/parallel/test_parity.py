@@ -84,7 +84,15 @@ LAYOUTS = [
                                        "--training.compile", "--training.compile_backend", "aot_eager",
                                        "--activation_checkpoint.mode", "selective",
                                        "--activation_checkpoint.selective_ac_option", "op"]),
-    ("fsdp2_accumulate2", 2, 2, ["--parallelism.dp_shard", "2", "--training.gradient_accumulation_steps", "2"]),
+    # gradient accumulation: reduce-scatter every micro-batch (HSDP: all-reduce at the last only),
+    # or keep the gradients unsharded until the last (training.gradient_accumulation_sync)
+    ("fsdp2_accumulate2", 2, 2, ["--parallelism.dp_shard", "2", "--training.gradient_accumulation_steps", "2",
+                                 "--training.gradient_accumulation_sync", "every_microbatch"]),
+    ("fsdp2_accumulate2_sync_last", 2, 2, ["--parallelism.dp_shard", "2", "--training.gradient_accumulation_steps",
+                                           "2", "--training.gradient_accumulation_sync", "last_microbatch"]),
+    ("hsdp2x2_accumulate2", 4, 4, ["--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2",
+                                   "--training.gradient_accumulation_steps", "2",
+                                   "--training.gradient_accumulation_sync", "every_microbatch"]),
     # fused QKV and w1/w3 (compared with the unfused reference, mapped to its names)
     ("tp2_fused", 2, 1, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1", *FUSED]),
     ("fsdp2xtp2_fused_ac_op", 4, 2, ["--parallelism.dp_shard", "2", "--parallelism.tp", "2", *FUSED,
