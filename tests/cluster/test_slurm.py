@@ -34,6 +34,7 @@ import pytest
 
 from cluster_helpers import TRAIN, env, last_step, losses, wait_until, worker
 from lathe.config import load_config
+from lathe.slurm import main as slurm_main
 from lathe.trainer import train
 from slurm_cluster import SlurmCluster
 
@@ -157,17 +158,19 @@ def test_loopback_head_address_on_different_hosts_fails_fast(slurm_ready, tmp_pa
     assert not (tmp_path / "run").exists()  # nothing started
 
 
-def test_submit_keeps_each_script_under_its_job_id(cluster, tmp_path):
+def test_submit_keeps_each_script_under_its_job_id(cluster, tmp_path, monkeypatch, capsys):
     """`lathe slurm --submit` twice with the same job name: two scripts, named after their job ids
-    next to the jobs' logs, neither overwritten (held jobs: nothing runs)."""
+    next to the jobs' logs, neither overwritten (held jobs: nothing runs). In this process: the
+    real sbatch, without two more Python start-ups."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
     jobs = []
     try:
         for steps in ("3", "4"):
-            proc = subprocess.run([sys.executable, "-m", "lathe", "slurm", "--nodes", "2", *CPUS, "--time", "10",
-                                   "--sbatch=--hold", "--submit", "--", *TRAIN, "--training.steps", steps],
-                                  capture_output=True, text=True, env=cluster.env, timeout=120, cwd=tmp_path)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-            jobs.append(int(re.search(r"submitted job (\d+)", proc.stdout).group(1)))
+            assert slurm_main(["--nodes", "2", *CPUS, "--time", "10", "--sbatch=--hold", "--submit", "--",
+                               *TRAIN, "--training.steps", steps]) == 0
+            out = capsys.readouterr().out
+            jobs.append(int(re.search(r"submitted job (\d+)", out).group(1)))
     finally:
         for job in jobs:
             cluster.run("scancel", str(job), check=False)
@@ -176,4 +179,4 @@ def test_submit_keeps_each_script_under_its_job_id(cluster, tmp_path):
     assert sorted(logs.glob("*.sbatch")) == sorted(saved)
     for path, steps in zip(saved, ("3", "4")):  # each its own job's script
         assert path.read_text().rstrip().splitlines()[1].endswith(f"--training.steps {steps}")  # "Written by"
-    assert f"submitted job {jobs[1]}; script {saved[1]}, logs {logs}/lathe-{jobs[1]}.out and .err" in proc.stdout
+    assert f"submitted job {jobs[1]}; script {saved[1]}, logs {logs}/lathe-{jobs[1]}.out and .err" in out
