@@ -18,10 +18,11 @@ the node's workers. What it does, in order, and why:
   has for it (``scontrol show node`` NodeAddr; DNS only if that is empty, since node names need
   not resolve), on a port derived from the job id (jobs sharing a node do not clash), or the next
   one up that no socket on the head node holds (a port held by another program would make the
-  head's launcher a client of that program, and the job fail), with ``--rdzv-id=$SLURM_JOB_ID``. It stops within seconds with one line instead of hanging when the
-  address cannot be found, or is a loopback address while the nodes are different hosts
-  (NodeHostname differs; on a one-host test cluster loopback is right). Each launcher on another
-  node gives up after ``--rdzv-timeout`` seconds if the rendezvous cannot be reached.
+  head's launcher a client of that program, and the job fail), with ``--rdzv-id=$SLURM_JOB_ID``.
+  It stops within seconds with one line instead of hanging when the address cannot be found, or
+  is a loopback address while the nodes are different hosts (NodeHostname differs; on a one-host
+  test cluster loopback is right). Each launcher on another node gives up after
+  ``--rdzv-timeout`` seconds if the rendezvous cannot be reached.
 - Preemption: ``#SBATCH --signal=USR1@LEAD`` asks Slurm for a warning LEAD seconds before the time
   limit; ``--requeue`` lets Slurm requeue on preemption. SIGUSR1/SIGTERM make every worker save a
   checkpoint after the current step, and the launchers exit 75; the script then requeues the job
