@@ -64,14 +64,17 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.05):
 
 def worker(folder: Path, rank: int, restart: int = 0) -> psutil.Process | None:
     """The training process of global ``rank`` writing to ``folder`` (in torchrun restart
-    ``restart``), found by its command line and environment, or None."""
+    ``restart``), found by its command line (``folder``, or a relative path to it from the
+    process's folder) and environment, or None."""
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if "train" not in cmd or str(folder) not in cmd:
+        if "train" not in cmd:
             continue
         try:
-            e = proc.environ()
+            e, cwd = proc.environ(), proc.cwd()
         except psutil.Error:
+            continue
+        if str(folder) not in (os.path.join(cwd, a) for a in cmd):
             continue
         if e.get("RANK") == str(rank) and e.get("TORCHELASTIC_RESTART_COUNT", "0") == str(restart):
             return proc

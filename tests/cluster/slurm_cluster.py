@@ -1,8 +1,10 @@
 """A real two-node Slurm on one host, for tests: ``slurmctld`` plus ``slurmd -N n1`` and
 ``slurmd -N n2`` (Debian's slurm-wlm), ``auth/none``, both nodes at NodeAddr 127.0.0.1 with their
 own ports. Node names do not resolve by DNS, as on many clusters; their address is what Slurm
-knows. Started in a temporary folder and stopped by PID. One setting differs from a production
-cluster: ``AuthInfo=cred_expire=5``. Slurm holds a requeued job back for that long (default 120 s,
+knows. Tasks are bound to the CPUs Slurm gives them (``task/affinity``, cores), as on clusters
+that confine jobs to their CPUs, so a step that asks for too few CPUs gets too few. Started in a
+temporary folder and stopped by PID. One setting differs from a production cluster:
+``AuthInfo=cred_expire=5``. Slurm holds a requeued job back for that long (default 120 s,
 so on a real cluster a requeued job restarts about two minutes after it stopped).
 
     with SlurmCluster(tmp_path) as cluster:
@@ -62,7 +64,8 @@ class SlurmCluster:
             f"StateSaveLocation={self.root}/state", f"SlurmdSpoolDir={self.root}/spool/%n",
             f"SlurmctldPidFile={self.root}/slurmctld.pid", f"SlurmdPidFile={self.root}/slurmd-%n.pid",
             f"SlurmctldLogFile={self.root}/log/slurmctld.log", f"SlurmdLogFile={self.root}/log/slurmd-%n.log",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SwitchType=switch/none",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/affinity", "TaskPluginParam=cores",
+            "SwitchType=switch/none",
             "MpiDefault=none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "SchedulerType=sched/builtin", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "ReturnToService=2", "JobRequeue=1",
@@ -112,11 +115,12 @@ class SlurmCluster:
                 proc.wait()
         self.procs.clear()
 
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check, timeout=60)
+    def run(self, *cmd: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check, timeout=60,
+                              cwd=cwd)
 
-    def sbatch(self, script: Path, *args: str) -> int:
-        out = self.run("sbatch", "--parsable", *args, str(script)).stdout
+    def sbatch(self, script: Path, *args: str, cwd: Path | None = None) -> int:
+        out = self.run("sbatch", "--parsable", *args, str(script), cwd=cwd).stdout
         return int(out.strip().split(";")[0])
 
     def job(self, job_id: int) -> dict[str, str]:
