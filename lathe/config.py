@@ -593,18 +593,19 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     return ConfigError(key, f"unknown option in {where}", fix)
 
 
-def _unknown_keys(keys: list[str], where: str) -> ConfigError:
-    """Every unknown key of a file, in one line."""
-    if len(keys) == 1:
+def _unknown_keys(keys: list[str], where: str, sections: list[str] = ()) -> ConfigError:
+    """Every unknown key (and section) of a file, in one line."""
+    if len(keys) == 1 and not sections:
         return _unknown_key(keys[0], where)
-    parts = []
+    parts = list(sections)
     for key in keys:
         if key in TORCHTITAN_WITHOUT_EQUIVALENT or key.split(".")[0] in TORCHTITAN_SECTIONS_WITHOUT_EQUIVALENT:
             parts.append(f"{key} (torchtitan's, no lathe equivalent)")
         else:
             close = _suggestion(key)
             parts.append(f"{key} (did you mean '{close}'?)" if close else key)
-    return ConfigError(where, f"{len(keys)} unknown options: " + ", ".join(parts),
+    what = f"{len(keys)} unknown options" + (f" and {len(sections)} unknown sections" if sections else "")
+    return ConfigError(where, what + ": " + ", ".join(parts),
                        "remove or rename them; `lathe train --help` lists every option")
 
 
@@ -758,7 +759,7 @@ def _flat(table: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
 
 
 def _toml_items(data: dict[str, Any], path: str) -> list[tuple[str, Any]]:
-    items, unknown = [], []
+    items, unknown, unknown_sections = [], [], []
     section_names = {f.name for f in fields(Config)}
     compat_sections = {k.split(".")[0] for k in list(ALIASES) + list(CONVERTED) + list(INVERTED_ALIASES)}
     for section, table in data.items():
@@ -768,14 +769,18 @@ def _toml_items(data: dict[str, Any], path: str) -> list[tuple[str, Any]]:
                 and section not in TORCHTITAN_SECTIONS_WITHOUT_EQUIVALENT):
             close = difflib.get_close_matches(section, section_names, n=1)
             fix = f"did you mean [{close[0]}]?" if close else f"sections: {', '.join(sorted(section_names))}"
-            raise ConfigError(f"[{section}]", f"unknown section in {path}", fix)
+            unknown_sections.append((section, fix))
+            continue
         for key, value in _flat(table, f"{section}."):
             if _known(_canonical(key)):
                 items.append((_canonical(key), value))
             else:
                 unknown.append(key)
-    if unknown:
-        raise _unknown_keys(unknown, path)
+    if len(unknown_sections) == 1 and not unknown:
+        section, fix = unknown_sections[0]
+        raise ConfigError(f"[{section}]", f"unknown section in {path}", fix)
+    if unknown or unknown_sections:
+        raise _unknown_keys(unknown, path, [f"[{s}] ({fix})" for s, fix in unknown_sections])
     return items
 
 

@@ -254,3 +254,12 @@ def test_late_2025_file_validates(tmp_path):
     cfg = _load(tmp_path, {**LATE_2025, "model": {"name": "llama3", "flavor": "debugmodel", "converters": []},
                            "optimizer": {"implementation": "foreach"}, "compile": {"enable": False}})
     validate(cfg)
+
+
+def test_unknown_sections_join_the_one_line(tmp_path):
+    with pytest.raises(C.ConfigError) as e:
+        _load(tmp_path, {"trainig": {"steps": 3}, "training": {"gc_debgu": False}})
+    assert "1 unknown options and 1 unknown sections: [trainig] (did you mean [training]?)" in str(e.value)
+    assert "training.gc_debgu (did you mean 'training.gc_debug'?)" in str(e.value)
+    with pytest.raises(C.ConfigError, match=r"\[trainig\]: unknown section in .*did you mean \[training\]"):
+        _load(tmp_path, {"trainig": {"steps": 3}})
