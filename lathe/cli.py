@@ -290,17 +290,20 @@ def cmd_compare(argv: list[str]) -> int:
     parser.add_argument("run_b")
     parser.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance; 0 = bitwise equal")
     parser.add_argument("--assert-equal", action="store_true", help="also require the same logged steps")
-    parser.add_argument("--metrics", default="loss,grad_norm", help="comma-separated metrics to compare")
-    parser.add_argument("--plot", default="compare.png", help="plot file (PNG/SVG); 'none' = no plot")
+    parser.add_argument("--metrics", default=None, help="comma-separated metrics to compare; default "
+                        "step_loss,grad_norm (per-step values: a resumed run compares equal to an uninterrupted one)")
+    parser.add_argument("--output", "--plot", dest="output", default=None,
+                        help="also draw the curves and their differences into this PNG/SVG file")
     args = parser.parse_args(argv)
     from lathe.metrics.compare import compare_runs, format_table, plot_comparison, summary
 
-    cmp = compare_runs(args.run_a, args.run_b, [m.strip() for m in args.metrics.split(",") if m.strip()], args.rtol)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    cmp = compare_runs(args.run_a, args.run_b, metrics, args.rtol)
     print(format_table(cmp))
     text, code = summary(cmp, args.assert_equal)
-    if args.plot.lower() != "none":
+    if args.output and args.output.lower() != "none":  # --plot none: the old way to ask for no picture
         try:
-            text += f"\nplot: {plot_comparison(cmp, args.plot)}"
+            text += f"\nplot: {plot_comparison(cmp, args.output)}"
         except ConfigError as e:  # matplotlib missing: the table still answers
             text += f"\nno plot: {e}"
     print(text)

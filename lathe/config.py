@@ -342,11 +342,207 @@ ALIASES: dict[str, str] = {
     "experimental.pipeline_parallel_schedule_csv": "parallelism.pp_schedule_csv",
 }
 
-# torchtitan (late 2024) boolean keys that are the negation of a lathe option.
+# torchtitan's other eras: keys renamed (same meaning, same value) into lathe options.
+ALIASES.update({
+    # Before September 2024 (before HSDP renamed data_parallel_degree, and float8 got its section).
+    "training.data_parallel_degree": "parallelism.dp_shard",
+    "training.sequence_parallel_degree": "parallelism.tp",
+    "training.pipeline_parallel_degree": "parallelism.pp",
+    "training.compiled_autograd": "experimental.enable_compiled_autograd",
+    "training.enable_fp8_linear": "float8.enable_float8_linear",
+    "training.enable_float8_linear": "float8.enable_float8_linear",
+    "training.enable_fsdp_fp8_all_gather": "float8.enable_fsdp_float8_all_gather",
+    "training.enable_fsdp_float8_all_gather": "float8.enable_fsdp_float8_all_gather",
+    "training.precompute_float8_dynamic_scale_for_fsdp": "float8.precompute_float8_dynamic_scale_for_fsdp",
+    "training.checkpoint_interval": "checkpoint.interval",
+    "training.checkpoint_interval_type": "checkpoint.interval_type",
+    "profiling.run_profiler": "profiling.enable_profiling",
+    "profiling.profile_every_x_iter": "profiling.profile_freq",
+    # 2025 to February 2026 (dataclass JobConfig: [parallelism], [compile], [validation], ...).
+    "job.print_config": "job.print_args",
+    "model.hf_assets_path": "model.tokenizer_path",  # the folder holding tokenizer.json
+    "training.local_batch_size": "training.batch_size",  # per data-parallel rank, as lathe's
+    "parallelism.data_parallel_replicate_degree": "parallelism.dp_replicate",
+    "parallelism.data_parallel_shard_degree": "parallelism.dp_shard",
+    "parallelism.tensor_parallel_degree": "parallelism.tp",
+    "parallelism.enable_async_tensor_parallel": "experimental.enable_async_tensor_parallel",
+    "parallelism.enable_compiled_autograd": "experimental.enable_compiled_autograd",
+    "parallelism.pipeline_parallel_degree": "parallelism.pp",
+    "parallelism.pipeline_parallel_split_points": "parallelism.pp_split_points",
+    "parallelism.pipeline_parallel_schedule": "parallelism.pp_schedule",
+    "parallelism.pipeline_parallel_schedule_csv": "parallelism.pp_schedule_csv",
+    "parallelism.context_parallel_degree": "parallelism.cp",
+    "parallelism.context_parallel_rotate_method": "parallelism.cp_rotate_method",
+    "checkpoint.enable": "checkpoint.enable_checkpoint",
+    "checkpoint.last_save_model_only": "checkpoint.model_weights_only",
+    "lr_scheduler.lr_min": "lr_scheduler.min_lr_ratio",
+    "lr_scheduler.min_lr_factor": "lr_scheduler.min_lr_ratio",
+    "compile.enable": "training.compile",
+    "compile.backend": "training.compile_backend",
+    "validation.enable": "validation.enabled",
+    "validation.local_batch_size": "validation.batch_size",
+    "debug.seed": "training.seed",
+    "debug.deterministic": "training.deterministic",
+    **{f"quantize.linear.{q}.{k}": f"float8.{k}" for q in ("float8", "fp8") for k in (
+        "enable_fsdp_float8_all_gather", "precompute_float8_dynamic_scale_for_fsdp", "recipe_name", "filter_fqns")},
+})
+
+# torchtitan (late 2024 and 2025) boolean keys that are the negation of a lathe option.
 INVERTED_ALIASES: dict[str, str] = {
     "metrics.disable_color_printing": "metrics.enable_color_printing",
     "training.disable_loss_parallel": "parallelism.loss_parallel",
+    "parallelism.disable_loss_parallel": "parallelism.loss_parallel",
+    "metrics.save_for_all_ranks": "metrics.rank_0_only",
 }
+
+
+def _float8_converters(names: list) -> list[tuple[str, Any]]:
+    bad = [n for n in names if n not in ("float8", "quantize.linear.float8")]
+    if bad:
+        raise ConfigError("model.converters", f"{', '.join(bad)} has no lathe equivalent (lathe converts "
+                          "linear layers to float8 only)", "keep only float8, or remove the key", names)
+    return [("float8.enable_float8_linear", bool(names))]
+
+
+def _implementation(value: str) -> list[tuple[str, Any]]:
+    table = {"fused": [("optimizer.fused", True)],
+             "foreach": [("optimizer.fused", False), ("optimizer.foreach", True)],
+             "for-loop": [("optimizer.fused", False), ("optimizer.foreach", False)]}
+    if value not in table:
+        raise ConfigError("optimizer.implementation", "must be one of fused, foreach, for-loop", "", value)
+    return table[value]
+
+
+def _fp8_linear(key: str):
+    def convert(value: str) -> list[tuple[str, Any]]:
+        if value not in ("", "dynamic"):
+            raise ConfigError(key, "must be dynamic or empty", "dynamic = float8 training with dynamic scaling", value)
+        return [("float8.enable_float8_linear", value == "dynamic")]
+    return convert
+
+
+def _checkpoint_folder(value: str) -> list[tuple[str, Any]]:
+    # torchtitan before April 2024: an empty folder meant no checkpoints.
+    return [("checkpoint.enable_checkpoint", False)] if not value else [
+        ("checkpoint.enable_checkpoint", True), ("checkpoint.folder", value)]
+
+
+_SAME_AS_LATHE: dict[str, tuple[tuple, str]] = {}
+
+
+def _same_as_lathe(key: str, allowed: tuple, why: str):
+    """A torchtitan option whose only lathe meaning is the behaviour lathe always has: accepted
+    with that value, refused with any other (never silently ignored)."""
+    _SAME_AS_LATHE[key] = (allowed, why)
+
+    def convert(value: Any) -> list[tuple[str, Any]]:
+        if value not in allowed:
+            raise ConfigError(key, f"only {' or '.join(map(repr, allowed))} is supported: {why}",
+                              "remove the key or set it to that", value)
+        return []
+    return convert
+
+
+# torchtitan keys whose value converts into lathe options: key -> (its type, converter to
+# [(lathe key, value)]). Read from TOML files and the command line, like ALIASES.
+CONVERTED: dict[str, tuple[type, Any]] = {
+    # before September 2024
+    "training.fp8_linear": (str, _fp8_linear("training.fp8_linear")),
+    "training.fp8_linear_type": (str, _fp8_linear("training.fp8_linear_type")),
+    "training.enable_selective_ac": (bool, lambda v: [("activation_checkpoint.mode", "selective" if v else "none")]),
+    "training.checkpoint_folder": (str, _checkpoint_folder),
+    "experimental.pipeline_parallel_split_mode": (str, _same_as_lathe(
+        "experimental.pipeline_parallel_split_mode", ("manual",), "lathe splits the model at the split points")),
+    # 2025 to February 2026
+    "training.global_batch_size": (int, lambda v: [("training.global_batch_size", 0 if v == -1 else v)]),
+    "model.converters": (list, _float8_converters),
+    "optimizer.implementation": (str, _implementation),
+    "training.dtype": (str, _same_as_lathe("training.dtype", ("float32",),
+                                           "lathe keeps float32 parameters (see training.mixed_precision_param)")),
+    "training.gc_debug": (bool, _same_as_lathe("training.gc_debug", (False,), "no GC debugging mode in lathe")),
+    "model.print_after_conversion": (bool, _same_as_lathe("model.print_after_conversion", (False,),
+                                                          "lathe does not print the model")),
+    "compile.components": (list, _same_as_lathe(
+        "compile.components", (["model"], ["model", "loss"], ["loss", "model"]),
+        "lathe compiles each transformer block (the model); the loss runs uncompiled")),
+    "parallelism.fsdp_reshard_after_forward": (str, _same_as_lathe(
+        "parallelism.fsdp_reshard_after_forward", ("default",),
+        "lathe reshards every block but the last after forward (none under pipeline parallel)")),
+    "parallelism.expert_parallel_degree": (int, _same_as_lathe("parallelism.expert_parallel_degree", (1,),
+                                                               "lathe's models have no experts")),
+    "parallelism.expert_tensor_parallel_degree": (int, _same_as_lathe(
+        "parallelism.expert_tensor_parallel_degree", (1,), "lathe's models have no experts")),
+    "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns": (list, _same_as_lathe(
+        "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns", (["moe.router.gate"],),
+        "lathe's models have no MoE router, the default names no module")),
+    "checkpoint.initial_load_in_hf": (bool, _same_as_lathe(
+        "checkpoint.initial_load_in_hf", (False,), "convert the Hugging Face weights first: lathe convert")),
+    "checkpoint.last_save_in_hf": (bool, _same_as_lathe(
+        "checkpoint.last_save_in_hf", (False,), "convert the last checkpoint afterwards: lathe convert")),
+    "checkpoint.exclude_from_loading": (list, _same_as_lathe(
+        "checkpoint.exclude_from_loading", ([],), "lathe loads a whole checkpoint (see initial_load_model_only)")),
+    "checkpoint.enable_first_step_checkpoint": (bool, _same_as_lathe(
+        "checkpoint.enable_first_step_checkpoint", (False,), "lathe saves at checkpoint.interval")),
+    "checkpoint.load_only": (bool, _same_as_lathe("checkpoint.load_only", (False,), "lathe saves what it loads")),
+    "comm.save_traces_folder": (str, _same_as_lathe(
+        "comm.save_traces_folder", ("comm_traces",), "lathe writes flight-recorder dumps to {dump_folder}/comm_traces")),
+    "float8.emulate": (bool, _same_as_lathe("float8.emulate", (False,), "lathe has no float8 emulation switch")),
+    "float8.force_recompute_fp8_weight_in_bwd": (bool, _same_as_lathe(
+        "float8.force_recompute_fp8_weight_in_bwd", (False,), "not built in lathe")),
+    "float8.moe_fqns_prototype": (list, _same_as_lathe("float8.moe_fqns_prototype", ([],),
+                                                       "lathe's models have no experts")),
+    "debug.deterministic_warn_only": (bool, _same_as_lathe("debug.deterministic_warn_only", (False,),
+                                                           "lathe's training.deterministic is strict")),
+    "debug.moe_force_load_balance": (bool, _same_as_lathe("debug.moe_force_load_balance", (False,),
+                                                          "lathe's models have no experts")),
+    **{f"{s}.{k}": (str, _same_as_lathe(f"{s}.{k}", ("",), "lathe imports no user modules"))
+       for s, k in (("experimental", "custom_import"), ("experimental", "custom_args_module"),
+                    ("job", "custom_config_module"))},
+}
+
+# What each converted key means here (docs/config.md).
+_COMPAT_DOC = {
+    "training.fp8_linear": "`dynamic` -> `float8.enable_float8_linear` true, empty -> false",
+    "training.fp8_linear_type": "`dynamic` -> `float8.enable_float8_linear` true, empty -> false",
+    "training.enable_selective_ac": "true -> `activation_checkpoint.mode` selective, false -> none",
+    "training.checkpoint_folder": "empty -> no checkpoints; a folder -> `checkpoint.enable_checkpoint` and `checkpoint.folder`",
+    "training.global_batch_size": "the same option; torchtitan's -1 (derived) is lathe's 0",
+    "model.converters": "`[\"float8\"]` -> `float8.enable_float8_linear`; other converters are refused",
+    "optimizer.implementation": "fused -> `optimizer.fused`; foreach -> `optimizer.foreach`; for-loop -> neither",
+    "parallelism.pipeline_parallel_microbatch_size": "`parallelism.pp_microbatches` = `training.batch_size` / this",
+    "validation.seq_len": "must equal `training.seq_len` (lathe validates at the training length)",
+}
+
+
+def _compat_doc(key: str) -> str:
+    if key in _SAME_AS_LATHE:
+        allowed, why = _SAME_AS_LATHE[key]
+        return f"accepted only as {' or '.join(_toml_value(v) for v in allowed)}: {why}"
+    return _COMPAT_DOC[key]
+
+
+# torchtitan keys that need the rest of the config: applied after every other key of the file
+# (and the command line), in load_config.
+DEFERRED = ("parallelism.pipeline_parallel_microbatch_size", "validation.seq_len")
+
+# torchtitan options (of any era) that have no lathe meaning: refused, named as such, never
+# offered a look-alike lathe key.
+TORCHTITAN_WITHOUT_EQUIVALENT = {
+    "parallelism.pipeline_parallel_layers_per_stage", "parallelism.module_fqns_per_model_part",
+    "parallelism.pipeline_parallel_first_stage_less_layers", "parallelism.pipeline_parallel_last_stage_less_layers",
+    "profiling.profiler_active", "profiling.profiler_warmup", "activation_checkpoint.early_stop",
+    "activation_checkpoint.memory_budget", "activation_checkpoint.visualize_memory_budget_pareto",
+}
+TORCHTITAN_SECTIONS_WITHOUT_EQUIVALENT = {"mx", "fault_tolerance", "liger_kernel", "quantize"}
+
+# Keys that only a torchtitan 2025+ file holds: such a file means its lr_scheduler.decay_ratio
+# torchtitan's way (a stable phase, then the decay over that fraction of all steps).
+_TT2025 = {k for k in list(ALIASES) + list(CONVERTED) + list(INVERTED_ALIASES) + list(DEFERRED)
+           if k.split(".")[0] in ("parallelism", "compile", "debug", "quantize")
+           or k in ("job.print_config", "model.hf_assets_path", "model.converters", "training.local_batch_size",
+                    "checkpoint.enable", "checkpoint.last_save_model_only", "lr_scheduler.min_lr_factor",
+                    "lr_scheduler.lr_min", "optimizer.implementation", "validation.enable", "training.dtype",
+                    "validation.local_batch_size", "metrics.save_for_all_ranks")}
 
 # Options whose feature is not built yet: a non-default value is refused, never ignored.
 # Each entry says which lathe issue brings it.
@@ -382,20 +578,46 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def _unknown_key(key: str, where: str) -> ConfigError:
+def _suggestion(key: str) -> str | None:
     # The same name in another section first (training.lr or lr -> optimizer.lr), then spelling.
+    # torchtitan's options without a lathe meaning get no look-alike (gc_debug is not gc_freq).
+    if key in TORCHTITAN_WITHOUT_EQUIVALENT or key.split(".")[0] in TORCHTITAN_SECTIONS_WITHOUT_EQUIVALENT:
+        return None
     name = key.split(".", 1)[-1]
     close = [k for k in _OPTIONS if k.split(".", 1)[1] == name][:1]
     if not close:
-        close = difflib.get_close_matches(key, list(_OPTIONS) + list(ALIASES) + list(INVERTED_ALIASES), n=1,
-                                          cutoff=0.6)
-    fix = f"did you mean '{close[0]}'?" if close else "see `lathe train --help` for every option"
+        close = difflib.get_close_matches(key, list(_OPTIONS) + list(ALIASES) + list(INVERTED_ALIASES)
+                                          + list(CONVERTED) + list(DEFERRED), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = _suggestion(key)
+    if key in TORCHTITAN_WITHOUT_EQUIVALENT or key.split(".")[0] in TORCHTITAN_SECTIONS_WITHOUT_EQUIVALENT:
+        return ConfigError(key, f"torchtitan option with no lathe equivalent, in {where}", "remove it")
+    fix = f"did you mean '{close}'?" if close else "see `lathe train --help` for every option"
     return ConfigError(key, f"unknown option in {where}", fix)
 
 
-def _coerce(key: str, raw: Any, from_cli: bool) -> Any:
+def _unknown_keys(keys: list[str], where: str, sections: list[str] = ()) -> ConfigError:
+    """Every unknown key (and section) of a file, in one line."""
+    if len(keys) == 1 and not sections:
+        return _unknown_key(keys[0], where)
+    parts = list(sections)
+    for key in keys:
+        if key in TORCHTITAN_WITHOUT_EQUIVALENT or key.split(".")[0] in TORCHTITAN_SECTIONS_WITHOUT_EQUIVALENT:
+            parts.append(f"{key} (torchtitan's, no lathe equivalent)")
+        else:
+            close = _suggestion(key)
+            parts.append(f"{key} (did you mean '{close}'?)" if close else key)
+    what = f"{len(keys)} unknown options" + (f" and {len(sections)} unknown sections" if sections else "")
+    return ConfigError(where, what + ": " + ", ".join(parts),
+                       "remove or rename them; `lathe train --help` lists every option")
+
+
+def _coerce(key: str, raw: Any, from_cli: bool, spec: tuple | None = None) -> Any:
     """Convert a TOML or command-line value to the option's type, or explain why not."""
-    tp, f = _OPTIONS[key]
+    tp, f = spec or _OPTIONS[key]
     base = _base_type(tp)
     optional = base is not tp and typing.get_origin(tp) in (typing.Union, types.UnionType)
     if from_cli and optional and isinstance(raw, str) and raw.lower() in ("none", "null", ""):
@@ -456,10 +678,17 @@ def _canonical(key: str) -> str:
 
 
 def _known(key: str) -> bool:
-    return key in _OPTIONS or key in INVERTED_ALIASES
+    return key in _OPTIONS or key in INVERTED_ALIASES or key in CONVERTED or key in DEFERRED
 
 
-def _set_value(cfg: Config, key: str, raw: Any, from_cli: bool) -> None:
+_UNTYPED = field(default=None, metadata={"help": "", "choices": None})
+
+
+def _compat_type(key: str) -> type:
+    return CONVERTED[key][0] if key in CONVERTED else int  # DEFERRED keys are whole numbers
+
+
+def _set_value(cfg: Config, key: str, raw: Any, from_cli: bool, deferred: dict | None = None) -> None:
     """Coerce ``raw`` for ``key`` and set it; an inverted torchtitan key sets its lathe option to
     the opposite (``training.disable_loss_parallel = true`` -> ``parallelism.loss_parallel = false``)."""
     if key in INVERTED_ALIASES:
@@ -470,7 +699,37 @@ def _set_value(cfg: Config, key: str, raw: Any, from_cli: bool) -> None:
             raise ConfigError(key, "expected true or false", f"e.g. --{key} true", raw) from None
         _set(cfg, target, not value)
         return
+    if key in CONVERTED:
+        tp, convert = CONVERTED[key]
+        for target, value in convert(_coerce(key, raw, from_cli, (tp, _UNTYPED))):
+            _set(cfg, target, _coerce(target, value, False))
+        return
+    if key in DEFERRED:
+        deferred[key] = _coerce(key, raw, from_cli, (int, _UNTYPED))
+        return
     _set(cfg, key, _coerce(key, raw, from_cli))
+
+
+def _apply_deferred(cfg: Config, deferred: dict[str, Any], tt2025_decay_ratio: Optional[float]) -> None:
+    """The torchtitan keys whose lathe meaning needs the rest of the config."""
+    t = cfg.training
+    if "parallelism.pipeline_parallel_microbatch_size" in deferred:
+        size = deferred["parallelism.pipeline_parallel_microbatch_size"]
+        _require(size >= 1 and t.batch_size % size == 0, "parallelism.pipeline_parallel_microbatch_size", size,
+                 f"must divide training.batch_size ({t.batch_size}) into micro-batches",
+                 "use a divisor of the batch size, or parallelism.pp_microbatches")
+        cfg.parallelism.pp_microbatches = t.batch_size // size
+    if "validation.seq_len" in deferred:
+        _require(deferred["validation.seq_len"] == t.seq_len, "validation.seq_len", deferred["validation.seq_len"],
+                 f"lathe validates at training.seq_len ({t.seq_len})", "remove the key or set it to that")
+    if tt2025_decay_ratio is not None:
+        # torchtitan: a stable phase, then decay_type's decay over the last decay_ratio of *all* steps.
+        s = cfg.lr_scheduler
+        _require(s.decay_type in ("linear", "wsd"), "lr_scheduler.decay_ratio", tt2025_decay_ratio,
+                 f"torchtitan's stable phase before a {s.decay_type} decay has no lathe equivalent",
+                 "use decay_type linear (lathe's wsd) or remove decay_ratio")
+        post_warmup = max(1, t.steps - s.warmup_steps)
+        s.decay_type, s.decay_ratio = "wsd", min(1.0, round(t.steps * tt2025_decay_ratio) / post_warmup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,22 +758,40 @@ def _read_toml(path: str) -> dict[str, dict[str, Any]]:
     return data
 
 
+def _flat(table: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    """A section's keys; a nested table (torchtitan's [quantize.linear.float8]) gives dotted keys."""
+    out = []
+    for name, value in table.items():
+        if isinstance(value, dict):
+            out += _flat(value, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", value))
+    return out
+
+
 def _toml_items(data: dict[str, Any], path: str) -> list[tuple[str, Any]]:
-    items = []
+    items, unknown, unknown_sections = [], [], []
     section_names = {f.name for f in fields(Config)}
-    alias_sections = {k.split(".")[0] for k in ALIASES}
+    compat_sections = {k.split(".")[0] for k in list(ALIASES) + list(CONVERTED) + list(INVERTED_ALIASES)}
     for section, table in data.items():
         if not isinstance(table, dict):
             raise _unknown_key(section, f"{path} (top-level keys must be [sections])")
-        if section not in section_names and section not in alias_sections:
+        if (section not in section_names and section not in compat_sections
+                and section not in TORCHTITAN_SECTIONS_WITHOUT_EQUIVALENT):
             close = difflib.get_close_matches(section, section_names, n=1)
             fix = f"did you mean [{close[0]}]?" if close else f"sections: {', '.join(sorted(section_names))}"
-            raise ConfigError(f"[{section}]", f"unknown section in {path}", fix)
-        for name, value in table.items():
-            key = f"{section}.{name}"
-            if not _known(_canonical(key)):
-                raise _unknown_key(key, path)
-            items.append((_canonical(key), value))
+            unknown_sections.append((section, fix))
+            continue
+        for key, value in _flat(table, f"{section}."):
+            if _known(_canonical(key)):
+                items.append((_canonical(key), value))
+            else:
+                unknown.append(key)
+    if len(unknown_sections) == 1 and not unknown:
+        section, fix = unknown_sections[0]
+        raise ConfigError(f"[{section}]", f"unknown section in {path}", fix)
+    if unknown or unknown_sections:
+        raise _unknown_keys(unknown, path, [f"[{s}] ({fix})" for s, fix in unknown_sections])
     return items
 
 
@@ -544,7 +821,8 @@ def _parse_cli(argv: list[str]) -> tuple[list[tuple[str, str | bool]], Optional[
         canonical = _canonical(key)
         if not _known(canonical):
             raise _unknown_key(key, "the command line")
-        is_bool = canonical in INVERTED_ALIASES or _base_type(_OPTIONS[canonical][0]) is bool
+        is_bool = canonical in INVERTED_ALIASES or _base_type(
+            _OPTIONS[canonical][0] if canonical in _OPTIONS else _compat_type(canonical)) is bool
         if negated:
             if not is_bool or eq:
                 raise ConfigError(arg, "--no- works only with boolean options", f"use --{key} VALUE")
@@ -581,11 +859,18 @@ def load_config(argv: list[str] | None = None) -> tuple[Config, bool]:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, config_file, print_config = _parse_cli(argv)
     cfg = Config()
+    deferred: dict[str, Any] = {}
+    tt2025_decay_ratio = None
     if config_file:
-        for key, value in _toml_items(_read_toml(config_file), config_file):
-            _set_value(cfg, key, value, from_cli=False)
+        data = _read_toml(config_file)
+        for key, value in _toml_items(data, config_file):
+            _set_value(cfg, key, value, False, deferred)
+        file_keys = {k for sec, table in data.items() for k, _ in _flat(table, f"{sec}.")}
+        if "lr_scheduler.decay_ratio" in file_keys and file_keys & _TT2025:
+            tt2025_decay_ratio = cfg.lr_scheduler.decay_ratio
     for key, raw in overrides:
-        _set_value(cfg, key, raw, from_cli=True)
+        _set_value(cfg, key, raw, True, deferred)
+    _apply_deferred(cfg, deferred, tt2025_decay_ratio)
     check_not_supported(cfg)
     return cfg, print_config
 
@@ -644,7 +929,8 @@ def help_text() -> str:
         out.append(f"  --{key}{extra}  (default: {default!r})")
         out.append(f"        {f.metadata['help']}")
     out += ["", "torchtitan names also accepted: " + ", ".join(f"{a} -> {c}" for a, c in ALIASES.items())
-            + ", " + ", ".join(f"{a} -> not {c}" for a, c in INVERTED_ALIASES.items())]
+            + ", " + ", ".join(f"{a} -> not {c}" for a, c in INVERTED_ALIASES.items())
+            + "; converted: " + ", ".join(list(CONVERTED) + list(DEFERRED)) + " (docs/config.md)"]
     return "\n".join(out)
 
 
@@ -663,10 +949,16 @@ def markdown_reference() -> str:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         choices = ", ".join(map(str, f.metadata.get("choices") or ()))
         out.append(f"| `{key}` | `{default!r}` | {choices} | {f.metadata['help']} |")
-    out += ["", "## torchtitan names", "", "Config files written for torchtitan's late-2024 schema load unchanged;",
-            "these keys are read as their lathe equivalents:", "", "| torchtitan | lathe |", "|---|---|"]
+    out += ["", "## torchtitan names", "", "Config files written for torchtitan's TOML schemas (early 2024 to February 2026)",
+            "load unchanged; these keys are read as their lathe equivalents:", "", "| torchtitan | lathe |", "|---|---|"]
     out += [f"| `{a}` | `{c}` |" for a, c in ALIASES.items()]
     out += [f"| `{a}` | the opposite of `{c}` |" for a, c in INVERTED_ALIASES.items()]
+    out += [f"| `{a}` | {_compat_doc(a)} |" for a in list(CONVERTED) + list(DEFERRED)]
+    out += ["", "A torchtitan file of 2025 or later that sets `lr_scheduler.decay_ratio` means a stable phase, then a",
+            "linear decay over that fraction of all steps: lathe's `wsd`, its ratio rescaled to the post-warmup steps.",
+            "torchtitan options with no lathe meaning (`[mx]`, `[fault_tolerance]`, `[liger_kernel]`, other",
+            "`[quantize.*]` tables, " + ", ".join(f"`{k}`" for k in sorted(TORCHTITAN_WITHOUT_EQUIVALENT)) + ")",
+            "are refused: the run stops with one line listing every unknown key of the file."]
     out += ["", "## Not supported yet", "", "These options exist so that such files parse, but setting them",
             "to a non-default value stops the run with a clear message:", ""]
     out += [f"- `{k}`: {v}" for k, v in NOT_SUPPORTED_YET.items()]

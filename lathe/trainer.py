@@ -40,6 +40,7 @@ from lathe.manifest import RunManifest, exit_status
 from lathe.memcheck import MemoryCheck
 from lathe.memory_model import layout_from_config
 from lathe.metrics import MetricsProcessor, make_dist_reduce_fn
+from lathe.metrics.processor import new_id
 from lathe.metrics.wandb_sink import optional_sinks
 from lathe import precision
 from lathe.models import MODELS, model_args_from_config, model_overrides
@@ -387,6 +388,9 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
     stop_if_preempted()  # signalled during the checkpoint load
     if is_logging_rank:
         log_restart(train_state.step, last_logged)
+    resumed_from = train_state.step
+    if not train_state.run_id:  # a fresh run (or a checkpoint from before run ids): a new run id
+        train_state.run_id = new_id()
     if train_state.step > t.steps:
         raise config_lib.ConfigError(
             "training.steps", f"the checkpoint this run resumes from is at step {train_state.step}, beyond it",
@@ -407,7 +411,8 @@ def _train(cfg: Config, dump_folder: Path) -> TrainResult:
         reduce_fn=make_dist_reduce_fn(loss_group) if loss_group is not None else None,
         compute_dtype=compute_dtype(cfg, device, dims), attention_flops_per_token=flops_per_token(args, 0, t.seq_len),
         dp_degree=dp_degree, total_steps=t.steps,
-        sinks=optional_sinks(cfg, dump_folder, train_state) if is_logging_rank else ())
+        sinks=optional_sinks(cfg, dump_folder, train_state) if is_logging_rank else (),
+        run_id=train_state.run_id, resumed_from=resumed_from)
     metrics.tokens_seen = train_state.tokens_seen // dp_degree
     guard = StepGuard(t, device, train_state, windows_per_step=t.batch_size * accum * dp_degree,
                       log_event=metrics.log_event)

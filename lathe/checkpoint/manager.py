@@ -111,6 +111,7 @@ class TrainState:
     counters: dict[str, int] = field(default_factory=dict)  # skipped_steps, nonfinite_steps, spike_steps, rollbacks
     recent_losses: list[float] = field(default_factory=list)  # the spike detector's window
     wandb_run_id: str = ""  # the W&B run a resumed run continues
+    run_id: str = ""  # the lathe run a resumed run continues: every metrics.jsonl record names it
 
 
 def _restore_train_state(train_state: TrainState, saved: dict[str, Any]) -> None:

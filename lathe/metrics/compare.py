@@ -1,5 +1,14 @@
 """``lathe compare RUN_A RUN_B``: are two runs the same? Per-step loss and gradient-norm
-differences as a table and a plot, and an exit code a script (or the test suite) can use.
+differences as a table (and, with ``--output``, a plot), and an exit code a script (or the test
+suite) can use.
+
+* What is compared by default: ``step_loss`` (the loss of the logged step itself) and ``grad_norm``,
+  both values of one step, so a run preempted and resumed from a checkpoint compares equal to an
+  uninterrupted one when its steps are. The window average ``loss`` differs after a resume (the
+  first window after it is shorter): asked for, steps whose windows differ (``loss_steps``) are
+  left out and counted. Runs written before ``step_loss`` existed are compared on ``loss``.
+* A folder holding several runs (a new run started in an old run's folder) is compared by its
+  latest run, and the summary says so.
 
 * A value pair agrees when ``|a - b| <= rtol * max(|a|, |b|)`` (``--rtol``, default 1e-6: a few
   float32 roundings; ``--rtol 0`` demands bitwise equality). Two non-finite values (null in
@@ -17,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lathe.errors import ConfigError
-from lathe.metrics.history import RunHistory, read_histories
+from lathe.metrics.history import RunHistory, _labels, read_runs
 
-DEFAULT_METRICS = ("loss", "grad_norm")
+DEFAULT_METRICS = ("step_loss", "grad_norm")
+WINDOWED = {"loss", "max_loss"}  # averaged over the window since the last log step: loss_steps of them
 MAX_ROWS = 40  # longer tables show their first and last rows, and every differing row
 
 
@@ -45,6 +55,8 @@ class Comparison:
     only_b: list[int] = field(default_factory=list)
     max_diff: dict[str, float] = field(default_factory=dict)
     first_bad: dict[str, int] = field(default_factory=dict)  # metric -> first step beyond rtol
+    uncomparable: dict[str, list[int]] = field(default_factory=dict)  # metric -> steps whose windows differ
+    notes: list[str] = field(default_factory=list)
 
     @property
     def equal(self) -> bool:
@@ -55,19 +67,35 @@ def compare_runs(run_a: str, run_b: str, metrics: list[str] | None = None, rtol:
     """Compare two run folders' metrics step by step."""
     if not rtol >= 0:
         raise ConfigError("--rtol", "must be >= 0", "e.g. 1e-6, or 0 for bitwise equality", rtol)
-    a, b = read_histories([run_a, run_b])
-    wanted = [m for m in (metrics or DEFAULT_METRICS) if m in a.series or m in b.series]
+    runs = [read_runs(run_a), read_runs(run_b)]
+    labels = _labels([run_a, run_b])
+    a, b = runs[0][-1], runs[1][-1]
+    notes = []
+    for name, found, label in (("A", runs[0], labels[0]), ("B", runs[1], labels[1])):
+        found[-1].label = label
+        if len(found) > 1:
+            notes.append(f"{name} holds {len(found)} runs; comparing its latest" +
+                         (f" (run_id {found[-1].run_id})" if found[-1].run_id else ""))
+    asked = list(metrics or DEFAULT_METRICS)
+    if metrics is None and not ("step_loss" in a.series and "step_loss" in b.series):
+        asked = ["loss", "grad_norm"]  # written before step_loss was logged
+        notes.append("no step_loss in both runs (older lathe): comparing the window-average loss")
+    wanted = [m for m in asked if m in a.series or m in b.series]
     if not wanted:
-        raise ConfigError("--metrics", f"neither run logged {', '.join(metrics or DEFAULT_METRICS)}",
-                          "train at least one log step first", ",".join(metrics or DEFAULT_METRICS))
-    cmp = Comparison(a, b, wanted, rtol)
+        raise ConfigError("--metrics", f"neither run logged {', '.join(asked)}",
+                          "train at least one log step first", ",".join(asked))
+    cmp = Comparison(a, b, wanted, rtol, notes=notes)
     first = wanted[0]
     sa, sb = set(a.series.get(first, {})), set(b.series.get(first, {}))
     cmp.steps, cmp.only_a, cmp.only_b = sorted(sa & sb), sorted(sa - sb), sorted(sb - sa)
+    wa, wb = a.series.get("loss_steps", {}), b.series.get("loss_steps", {})
     for m in wanted:
         va, vb = a.series.get(m, {}), b.series.get(m, {})
         worst = 0.0
         for step in sorted(set(va) & set(vb)):
+            if m in WINDOWED and step in wa and step in wb and wa[step] != wb[step]:  # a resume cut one short
+                cmp.uncomparable.setdefault(m, []).append(step)
+                continue
             d = rel_diff(va[step], vb[step])
             worst = max(worst, d)
             if d > rtol and m not in cmp.first_bad:
@@ -93,6 +121,9 @@ def format_table(cmp: Comparison) -> str:
         bad = False
         for m in cmp.metrics:
             va, vb = cmp.a.series.get(m, {}).get(step), cmp.b.series.get(m, {}).get(step)
+            if step in cmp.uncomparable.get(m, ()):
+                row += [_fmt(va), _fmt(vb), "window"]
+                continue
             d = rel_diff(va, vb)
             bad |= d > cmp.rtol
             row += [_fmt(va), _fmt(vb), "-" if d == 0 else f"{d:.2e}" + (" *" if d > cmp.rtol else "")]
@@ -115,7 +146,7 @@ def format_table(cmp: Comparison) -> str:
 
 def summary(cmp: Comparison, assert_equal: bool) -> tuple[str, int]:
     """The verdict lines and the exit code."""
-    lines = [f"A = {cmp.a.path}", f"B = {cmp.b.path}",
+    lines = [f"A = {cmp.a.path}", f"B = {cmp.b.path}", *cmp.notes,
              f"{len(cmp.steps)} steps logged by both (rtol {cmp.rtol:g}; * = beyond it)"]
     for m in cmp.metrics:
         bad = cmp.first_bad.get(m)
@@ -123,6 +154,9 @@ def summary(cmp: Comparison, assert_equal: bool) -> tuple[str, int]:
             lines.append(f"{m}: logged by one run only")
         else:
             lines.append(f"{m}: max rel diff {cmp.max_diff[m]:.3g}" + (f", first beyond rtol at step {bad}" if bad else ""))
+        if cmp.uncomparable.get(m):
+            lines.append(f"{m}: {len(cmp.uncomparable[m])} steps not compared, their averaging windows differ "
+                         f"(a resume cut one short: {_steps(cmp.uncomparable[m])}); step_loss compares every step")
     code = 0 if cmp.equal else 1
     if cmp.only_a or cmp.only_b:
         missing = f"steps only in A: {_steps(cmp.only_a)}; only in B: {_steps(cmp.only_b)}"

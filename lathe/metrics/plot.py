@@ -1,7 +1,9 @@
 """``lathe plot``: loss curves (and learning rate, gradient norm, wps, MFU) of one or several runs,
 from their ``metrics.jsonl``, drawn with matplotlib (optional: ``pip install 'lathe[plot]'``).
 
-One panel per metric, runs overlaid in distinct colours and named in the legend; each curve is drawn
+One panel per metric, runs overlaid in distinct colours and named in the legend (a folder holding
+several runs, as when a new run started in an old run's folder, gives one curve per run; the starts of
+one resumed run are one curve); each curve is drawn
 raw (thin, faint) and smoothed (an exponential moving average, debiased like TensorBoard's); the
 validation loss is drawn as dots on the loss panel. The x axis is steps or global tokens. Scales:
 a loss or gradient norm spanning more than a factor of 20 gets a log axis; throughput axes start at 0
@@ -92,8 +94,9 @@ def _finite(values: list[float]) -> list[float]:
 
 
 def plot_runs(runs: list[str], output: str | Path, metrics: list[str] | None = None, x_axis: str = "steps",
-              smooth: float = 0.6) -> Path:
-    """Draw ``metrics`` of ``runs`` (run folders) into ``output`` (.png or .svg); returns its path."""
+              smooth: float = 0.6, latest_only: bool = False) -> Path:
+    """Draw ``metrics`` of ``runs`` (run folders) into ``output`` (.png or .svg); returns its path.
+    ``latest_only``: of each folder, only the run its last ``lathe train`` wrote."""
     if x_axis not in ("steps", "tokens"):
         raise ConfigError("--x", "must be steps or tokens", "e.g. --x tokens", x_axis)
     if not 0 <= smooth < 1:
@@ -102,7 +105,7 @@ def plot_runs(runs: list[str], output: str | Path, metrics: list[str] | None = N
     if output.suffix.lower() not in (".png", ".svg"):
         raise ConfigError("--output", "must end in .png or .svg", "e.g. --output loss.png", str(output))
     Figure, ticker = _import_matplotlib()
-    histories = read_histories(runs)
+    histories = read_histories(runs, latest_only)
     wanted = list(metrics or DEFAULT_METRICS)
     # The validation loss joins the loss panel when both are asked for.
     val_on_loss = "loss" in wanted and "val_loss" in wanted
@@ -178,7 +181,7 @@ def plot_runs(runs: list[str], output: str | Path, metrics: list[str] | None = N
 def plot_at_end(dump_folder: Path) -> None:
     """``metrics.plot_at_end``: ``{dump_folder}/metrics.png`` of this run; a failure only warns."""
     try:
-        path = plot_runs([str(dump_folder)], Path(dump_folder) / "metrics.png")
+        path = plot_runs([str(dump_folder)], Path(dump_folder) / "metrics.png", latest_only=True)
         logger.info("plot of the run's metrics: %s", path)
     except (ConfigError, OSError, ValueError) as e:
         logger.warning("could not plot the run's metrics: %s", e)

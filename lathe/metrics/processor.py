@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,18 +40,20 @@ def make_dist_reduce_fn(group: Any = None) -> ReduceFn:
     """A ``reduce_fn`` for :class:`MetricsProcessor` that reduces over a torch.distributed group
     (pass the data-parallel group; None = the default group).
 
-    ``avg_loss`` is averaged over ranks (SUM then divide, because gloo has no AVG op) and
-    ``max_loss`` maxed. Every rank of the group must call it, which MetricsProcessor does on
-    every log step.
+    ``max_loss`` is maxed over ranks, every other value (``avg_loss``, ``step_loss``) averaged
+    (SUM then divide, because gloo has no AVG op). Every rank of the group must call it, which
+    MetricsProcessor does on every log step.
     """
     import torch.distributed as dist
 
     def reduce(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        avg = local["avg_loss"].detach().clone()
+        names = [k for k in local if k != "max_loss"]
+        mean = torch.stack([local[k].detach().float() for k in names])
         mx = local["max_loss"].detach().clone()
-        dist.all_reduce(avg, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(mean, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
-        return {"avg_loss": avg / dist.get_world_size(group), "max_loss": mx}
+        mean = mean / dist.get_world_size(group)
+        return {"max_loss": mx, **{k: mean[i] for i, k in enumerate(names)}}
 
     return reduce
 
@@ -101,6 +104,9 @@ class MetricsProcessor:
         total_steps: the run's last step, for the ETA in the console line.
         sinks: further sinks (e.g. :class:`lathe.metrics.wandb_sink.WandbLogger`), written with the
             JSONL and TensorBoard ones on the logging rank.
+        run_id: the run's id, kept across resumes (the checkpointed train state holds it); every
+            metrics.jsonl record carries it. None = a fresh one.
+        resumed_from: the step this start resumes from (0 = a fresh run), in the start record.
     """
 
     def __init__(
@@ -122,6 +128,8 @@ class MetricsProcessor:
         dp_degree: int = 1,
         total_steps: int | None = None,
         sinks: Sequence[Sink] = (),
+        run_id: str | None = None,
+        resumed_from: int = 0,
     ):
         if log_freq < 1:
             raise ValueError(f"log_freq must be >= 1, got {log_freq}")
@@ -139,6 +147,8 @@ class MetricsProcessor:
         self.dp_degree = max(1, dp_degree)
         self.total_steps = total_steps
         self.compute_dtype = compute_dtype or default_compute_dtype(self.device)
+        # Who wrote a record: the run (kept across resumes) and this start of it (lathe/metrics/history.py).
+        self.run_id, self.attempt = run_id or new_id(), new_id()
 
         # Tokens this rank has processed. Public so the trainer can restore it on resume.
         self.tokens_seen = 0
@@ -152,7 +162,8 @@ class MetricsProcessor:
         self.sinks = Sinks()
         if is_logging_rank:
             if jsonl:
-                self.jsonl = JsonlLogger(self.dump_folder / "metrics.jsonl")
+                self.jsonl = JsonlLogger(self.dump_folder / "metrics.jsonl",
+                                         {"run_id": self.run_id, "attempt": self.attempt})
                 self.sinks.sinks.append(self.jsonl)
             if enable_tensorboard:
                 tb_dir = self.dump_folder / tb_folder / time.strftime("%Y%m%d-%H%M")
@@ -178,6 +189,7 @@ class MetricsProcessor:
                     "model_parallel_size": model_parallel_size,
                     "dp_degree": self.dp_degree,
                     "total_steps": total_steps,
+                    "resumed_from": resumed_from,
                 }
             )
 
@@ -189,6 +201,7 @@ class MetricsProcessor:
         """Start a new logging window: clear accumulators, restart the clock and memory peak."""
         self._loss_sum: torch.Tensor | None = None
         self._loss_max: torch.Tensor | None = None
+        self._last_loss: torch.Tensor | None = None  # the loss of the window's last step (None: skipped)
         self._steps = 0
         self._trained = 0  # steps of the window whose update was applied (not skipped)
         self._tokens = 0
@@ -220,8 +233,10 @@ class MetricsProcessor:
         """
         # Keep the loss on the device and combine with tensor ops: calling .item() here would make
         # the CPU wait for the GPU every step and stall the pipeline of queued kernels.
+        self._last_loss = None
         if not skipped:
             loss_t = torch.as_tensor(loss).detach().float()
+            self._last_loss = loss_t
             if self._loss_sum is None:
                 self._loss_sum, self._loss_max = loss_t.clone(), loss_t.clone()
             else:
@@ -238,17 +253,19 @@ class MetricsProcessor:
 
     def _log(self, step: int, lr: float, grad_norm: torch.Tensor | float,
              counters: Mapping[str, int]) -> dict[str, Any]:
+        nan = torch.tensor(float("nan"), device=self.device)
         if self._loss_sum is None:  # every step of the window was skipped: no trained loss
-            nan = torch.tensor(float("nan"), device=self.device)
             avg_loss, max_loss = nan, nan
         else:
             avg_loss, max_loss = self._loss_sum / self._trained, self._loss_max
+        step_loss = nan if self._last_loss is None else self._last_loss.to(nan.device)
         if self.reduce_fn is not None:
-            reduced = self.reduce_fn({"avg_loss": avg_loss, "max_loss": max_loss})
+            reduced = self.reduce_fn({"avg_loss": avg_loss, "max_loss": max_loss, "step_loss": step_loss})
             avg_loss, max_loss = reduced["avg_loss"], reduced["max_loss"]
+            step_loss = reduced.get("step_loss", step_loss)
         # One host-device sync per log step, here. Timing is read after it, so the window's
         # elapsed time includes the GPU actually finishing the work.
-        avg_loss, max_loss = float(avg_loss), float(max_loss)
+        avg_loss, max_loss, step_loss = float(avg_loss), float(max_loss), float(step_loss)
         if isinstance(grad_norm, torch.Tensor):
             if hasattr(grad_norm, "full_tensor"):  # a DTensor (sharded model): materialise it
                 grad_norm = grad_norm.full_tensor()
@@ -264,7 +281,9 @@ class MetricsProcessor:
         eta = self._eta(step, now)
         metrics: dict[str, Any] = {
             "step": step,
-            "loss": avg_loss,
+            "loss": avg_loss,  # the mean over the window's trained steps (loss_steps of them)
+            "loss_steps": self._trained,
+            "step_loss": step_loss,  # this step's own loss: equal in a resumed and an uninterrupted run
             "max_loss": max_loss,
             "grad_norm": float(grad_norm),
             "lr": float(lr),
@@ -360,6 +379,11 @@ class MetricsProcessor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def new_id() -> str:
+    """A short random id (12 hex digits) for a run or one start of it."""
+    return uuid.uuid4().hex[:12]
 
 
 # What flops_per_token counts, said next to every MFU figure (metrics.jsonl start record, docs).

@@ -68,17 +68,20 @@ class JsonlLogger:
     """Appends one JSON object per line to ``path``, flushed after every record.
 
     Flushing each time costs nothing at log frequency and means a crashed or killed run still has
-    every metric it logged (and ``tail -f`` works).
+    every metric it logged (and ``tail -f`` works). ``ids`` (the run and attempt ids) go into every
+    record, so that runs sharing a folder's file are told apart (lathe/metrics/history.py).
     """
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, ids: Mapping[str, str] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.ids = dict(ids or {})
         self._file = open(self.path, "a")
 
     def log(self, record: Mapping[str, Any], step: int | None = None) -> None:
         row = {k: _json_safe(v) for k, v in record.items()}
         row.setdefault("time", time.time())  # Unix timestamp, seconds
+        row.update(self.ids)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 
@@ -91,6 +94,7 @@ class JsonlLogger:
 # TensorBoard show related curves in one collapsible section.
 TENSORBOARD_TAGS: dict[str, str] = {
     "loss": "loss_metrics/global_avg_loss",
+    "step_loss": "loss_metrics/step_loss",
     "max_loss": "loss_metrics/global_max_loss",
     "wps": "wps",
     "mfu": "mfu(%)",

@@ -169,10 +169,10 @@ def test_plot_one_run_and_several(runs):
 
 def test_compare_same_run_passes_and_a_changed_learning_rate_fails(runs):
     root, a, b = runs
-    p = lathe("compare", str(a), str(a), "--assert-equal", "--plot", str(root / "same.png"), cwd=root)
+    p = lathe("compare", str(a), str(a), "--assert-equal", "--output", str(root / "same.png"), cwd=root)
     assert p.returncode == 0, show(p)
     assert "SAME" in p.stdout and (root / "same.png").stat().st_size > 10_000
-    p = lathe("compare", str(a), str(b), "--plot", "none", cwd=root)
+    p = lathe("compare", str(a), str(b), cwd=root)
     assert p.returncode == 1, show(p)
     assert "DIFFERENT" in p.stdout and "first beyond rtol at step 2" in p.stdout  # step 1 ran before any update
 
@@ -185,7 +185,7 @@ def test_replay_reproduces_the_run(runs):
     m = json.loads((replay / "run.json").read_text())
     original = json.loads((a / "run.json").read_text())
     assert m["replay_of"] == str(a.resolve()) and m["config_hash"] == original["config_hash"]
-    p = lathe("compare", str(a), str(replay), "--assert-equal", "--plot", "none", cwd=root)
+    p = lathe("compare", str(a), str(replay), "--assert-equal", cwd=root)
     assert p.returncode == 0, show(p)
     p = lathe("replay", str(a), "--output", str(replay), cwd=root)  # never into a used folder
     assert p.returncode == 2 and "--output" in p.stderr
