@@ -112,14 +112,16 @@ EXACT = {"fsdp2": (2, ["--parallelism.dp_shard", "2"]),
          "pp2xfsdp2xtp2": (8, ["--parallelism.pp", "2", "--parallelism.dp_shard", "2", "--parallelism.tp", "2"])}
 LOOPED_PP = ["--parallelism.pp", "2", "--parallelism.dp_shard", "1", "--parallelism.pp_schedule", "Interleaved1F1B",
              "--parallelism.pp_microbatches", "2"]
-# name: (processes, overrides, batch per rank) of the straight runs, and of the resumes that the
-# second job runs in a straight run's folder (RESUME_FROM) after its step-6 checkpoint is dropped
+# name: (processes, overrides, batch per rank) of the straight runs, and of the runs of the second
+# job, which start from a checkpoint: the resumes, in a straight run's folder (RESUME_FROM) after its
+# step-6 checkpoint is dropped, and the run in a seed checkpoint's folder (written in-process while
+# the first job runs)
 STRAIGHT = {**{name: (nproc, layout, 2) for name, (nproc, layout) in EXACT.items()},
             "looped_pp": (2, LOOPED_PP, 2),
-            "elastic_fsdp4": (4, ["--parallelism.dp_shard", "4"], 2),  # global batch 8
-            "from_seed": (2, ["--parallelism.dp_shard", "2"], 1)}  # run in the seed checkpoint's folder
+            "elastic_fsdp4": (4, ["--parallelism.dp_shard", "4"], 2)}  # global batch 8
 RESUMED = {**{name: (nproc, layout, 2) for name, (nproc, layout) in EXACT.items()},
-           "elastic_fsdp2": (2, ["--parallelism.dp_shard", "2"], 4)}  # global batch 8
+           "elastic_fsdp2": (2, ["--parallelism.dp_shard", "2"], 4),  # global batch 8
+           "from_seed": (2, ["--parallelism.dp_shard", "2"], 1)}
 RESUME_FROM = {**{name: name for name in EXACT}, "elastic_fsdp2": "elastic_fsdp4"}
 
 
@@ -137,9 +139,9 @@ def worker_args(layout, batch, steps=6):
 
 
 class TorchrunRuns:
-    """The selected straight runs in one torchrun job, then the selected resumes in another.
-    ``straight(name)`` / ``resumed(name)``: a run's losses (and ``*_folder``: its dump folder);
-    a run that broke, or whose straight run broke, fails exactly the tests that use it."""
+    """The selected straight runs in one torchrun job, then the selected runs from a checkpoint
+    in another. ``straight(name)`` / ``resumed(name)``: a run's losses (and ``*_folder``: its dump
+    folder); a run that broke, or whose straight run broke, fails exactly the tests that use it."""
 
     def __init__(self, folder: Path, selected: set):
         self.folder = folder
@@ -147,15 +149,17 @@ class TorchrunRuns:
         self.errors: dict[str, str] = {}
         self.straight_losses: dict[str, dict] = {}
         self.seed_meta = None
+        for job in ("straight", "resumed"):
+            (folder / job).mkdir()
+        self.first = Batch(folder / "straight", [(n, nproc, "worker", worker_args(layout, batch))
+                                                 for n, (nproc, layout, batch) in STRAIGHT.items() if n in selected])
+        self.second = None
         if "from_seed" in selected:  # a model-only seed checkpoint (seed 7), for the run to start from
-            seed_folder = folder / "straight" / "from_seed"
+            seed_folder = folder / "resumed" / "from_seed"
             cfg, _ = load_config([*BASE, "--training.steps", "6", "--job.dump_folder", str(seed_folder),
                                   "--checkpoint.create_seed_checkpoint", "--training.seed", "7"])
             train(cfg)
             self.seed_meta = json.loads((seed_folder / "checkpoint" / "step-0" / "train_state.json").read_text())
-        self.first = Batch(folder / "straight", [(n, nproc, "worker", worker_args(layout, batch))
-                                                 for n, (nproc, layout, batch) in STRAIGHT.items() if n in selected])
-        self.second = None
 
     def straight_folder(self, name: str) -> Path:
         self._wait_first()
@@ -194,20 +198,25 @@ class TorchrunRuns:
                 self.straight_losses[name] = load_result(self.first.folder(name))["losses"]
             except pytest.fail.Exception as e:
                 self.errors[name] = str(e)
-        if self.first.proc is not None:
-            self.first.proc.wait(timeout=120)  # its processes have left: the resumes run in new ones
+        if self.first.proc is not None:  # its processes leave (killed if they linger): the resumes run in new ones
+            try:
+                self.first.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                pass
         self.first.close()
         resumes = []
         for name, (nproc, layout, batch) in RESUMED.items():
-            source = RESUME_FROM[name]
             if name not in self.selected:
                 continue
+            if name == "from_seed":
+                resumes.append((name, nproc, "worker", worker_args(layout, batch)))
+                continue
+            source = RESUME_FROM[name]
             if source in self.errors:
                 self.errors[name] = f"its straight run {source} failed:\n{self.errors[source]}"
                 continue
             src = self.folder / "straight" / source
             dst = self.folder / "resumed" / name
-            dst.parent.mkdir(exist_ok=True)
             shutil.move(src, dst)  # the straight run's losses are read already
             drop_latest(dst)
             if name == "elastic_fsdp2":  # the one-process resume gets its own copy of the checkpoint
@@ -331,7 +340,7 @@ def test_keep_latest_k(tmp_path):
 def test_seed_checkpoint_is_model_only_and_used_by_a_parallel_run(tmp_path, straight_6, torchrun_runs):
     """The seed checkpoint (seed 7) is written in-process by TorchrunRuns, then an FSDP x2 run
     (seed 42, batch 1 per rank) starts in its folder and loads step-0."""
-    from_seed = torchrun_runs.straight("from_seed")
+    from_seed = torchrun_runs.resumed("from_seed")
     assert torchrun_runs.seed_meta["contents"] == ["model"]
     with_seed7 = run_local(tmp_path / "ref", "--training.seed", "7", "--no-checkpoint.enable_checkpoint", batch=2)
     without = straight_6  # seed 42, batch 2, no seed checkpoint (step 1's loss: the initial weights)
