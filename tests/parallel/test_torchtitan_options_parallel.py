@@ -38,9 +38,9 @@ FLOAT8_TOLERANCE = 5e-3  # relative, per step (measured here at sequence 32: <= 
 # sequence 64; the bf16 loss moves from 8.7 to 7.1 in these 20 steps; see tests/unit/test_float8.py)
 # 20 steps (the float8 error grows over the run: ~1e-5 at step 1, its largest after step 14), at
 # sequence 32: 64 tokens per rank, the smallest float8-aligned shape (matmul dims divisible by 16)
-# with 2 sequences per rank. On a CPU without AVX-512 the bf16 matmuls (FSDP's bf16 parameters, the
-# bf16 reference runs) take the slow path and are most of this module's time; they scale with the
-# tokens (the vocabulary-wide output layer is about half of them).
+# with 2 sequences per rank: half the matmul work of sequence 64. On a CPU without AVX-512 torch's
+# bf16 matmuls (FSDP's bf16 parameters, the bf16 reference runs) take a slow path (measured: ~8x a
+# float32 matmul of these shapes on the non-oneDNN path).
 FLOAT8_STEPS = ["--training.steps", "20", "--training.seq_len", "32", "--optimizer.lr", "3e-3",
                 "--no-validation.enabled", "--training.mixed_precision_param", "bfloat16"]
 # tiny Llama: 4 blocks x 7 linears become float8; the output layer stays
