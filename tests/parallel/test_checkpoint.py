@@ -28,6 +28,7 @@ from lathe.errors import ConfigError
 from lathe.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
+from multi_worker import Batch, needed  # noqa: E402
 from worker import load_result  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -98,35 +99,159 @@ def test_exact_resume_single_process(tmp_path, mode):
     assert same(resumed, straight), (resumed, straight)
 
 
-@pytest.mark.parametrize("name,nproc,layout", [
-    ("fsdp2", 2, ["--parallelism.dp_shard", "2"]),
-    ("tp2", 2, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1"]),
-    ("fsdp2xtp2", 4, ["--parallelism.dp_shard", "2", "--parallelism.tp", "2"]),
-])
-def test_exact_resume_distributed(tmp_path, name, nproc, layout):
-    straight = run_torchrun(nproc, tmp_path, *layout)
-    drop_latest(tmp_path)
-    (tmp_path / "metrics.jsonl").unlink()
-    resumed = run_torchrun(nproc, tmp_path, *layout)
+# --- under torchrun: the runs of every test below, in two torchrun jobs -------------------------
+# Each torchrun launch costs a fresh Python, torch and gloo start per process (~5 s for 2
+# processes, ~14 s for 8 on a 2-core machine), more than these runs train. So the runs that
+# checkpoint ("straight") share one torchrun job (multi_worker.py) and the runs that resume from
+# their checkpoints share a second one, started once the first has ended: every resume still runs
+# in other processes than the run that saved, as a real restart does.
+
+EXACT = {"fsdp2": (2, ["--parallelism.dp_shard", "2"]),
+         "tp2": (2, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1"]),
+         "fsdp2xtp2": (4, ["--parallelism.dp_shard", "2", "--parallelism.tp", "2"]),
+         "pp2xfsdp2xtp2": (8, ["--parallelism.pp", "2", "--parallelism.dp_shard", "2", "--parallelism.tp", "2"])}
+LOOPED_PP = ["--parallelism.pp", "2", "--parallelism.dp_shard", "1", "--parallelism.pp_schedule", "Interleaved1F1B",
+             "--parallelism.pp_microbatches", "2"]
+# name: (processes, overrides, batch per rank) of the straight runs, and of the runs of the second
+# job, which start from a checkpoint: the resumes, in a straight run's folder (RESUME_FROM) after its
+# step-6 checkpoint is dropped, and the run in a seed checkpoint's folder (written in-process while
+# the first job runs)
+STRAIGHT = {**{name: (nproc, layout, 2) for name, (nproc, layout) in EXACT.items()},
+            "looped_pp": (2, LOOPED_PP, 2),
+            "elastic_fsdp4": (4, ["--parallelism.dp_shard", "4"], 2)}  # global batch 8
+RESUMED = {**{name: (nproc, layout, 2) for name, (nproc, layout) in EXACT.items()},
+           "elastic_fsdp2": (2, ["--parallelism.dp_shard", "2"], 4),  # global batch 8
+           "from_seed": (2, ["--parallelism.dp_shard", "2"], 1)}
+RESUME_FROM = {**{name: name for name in EXACT}, "elastic_fsdp2": "elastic_fsdp4"}
+
+
+def needs(test: str, params: dict) -> list[str]:
+    if test == "test_exact_resume_distributed":
+        return [params["name"]]
+    return {"test_exact_resume_pp2_fsdp2_tp2_eight_processes": ["pp2xfsdp2xtp2"],
+            "test_looped_pipeline_checkpoint_loads_into_one_process": ["looped_pp"],
+            "test_elastic_resume_fsdp4_to_fsdp2_and_to_one_process": ["elastic_fsdp4", "elastic_fsdp2"],
+            "test_seed_checkpoint_is_model_only_and_used_by_a_parallel_run": ["from_seed"]}.get(test, [])
+
+
+def worker_args(layout, batch, steps=6):
+    return [*BASE, "--training.steps", str(steps), "--training.batch_size", str(batch), *layout]
+
+
+class TorchrunRuns:
+    """The selected straight runs in one torchrun job, then the selected runs from a checkpoint
+    in another. ``straight(name)`` / ``resumed(name)``: a run's losses (and ``*_folder``: its dump
+    folder); a run that broke, or whose straight run broke, fails exactly the tests that use it."""
+
+    def __init__(self, folder: Path, selected: set):
+        self.folder = folder
+        self.selected = selected
+        self.errors: dict[str, str] = {}
+        self.straight_losses: dict[str, dict] = {}
+        self.seed_meta = None
+        for job in ("straight", "resumed"):
+            (folder / job).mkdir()
+        self.first = Batch(folder / "straight", [(n, nproc, "worker", worker_args(layout, batch))
+                                                 for n, (nproc, layout, batch) in STRAIGHT.items() if n in selected])
+        self.second = None
+        if "from_seed" in selected:  # a model-only seed checkpoint (seed 7), for the run to start from
+            seed_folder = folder / "resumed" / "from_seed"
+            cfg, _ = load_config([*BASE, "--training.steps", "6", "--job.dump_folder", str(seed_folder),
+                                  "--checkpoint.create_seed_checkpoint", "--training.seed", "7"])
+            train(cfg)
+            self.seed_meta = json.loads((seed_folder / "checkpoint" / "step-0" / "train_state.json").read_text())
+
+    def straight_folder(self, name: str) -> Path:
+        self._wait_first()
+        if name in self.errors:
+            pytest.fail(self.errors[name], pytrace=False)
+        return self.folder / "straight" / name
+
+    def straight(self, name: str) -> dict:
+        self._wait_first()
+        if name in self.errors:
+            pytest.fail(self.errors[name], pytrace=False)
+        return self.straight_losses[name]
+
+    def resumed_folder(self, name: str) -> Path:
+        self._wait_first()
+        if name in self.errors:
+            pytest.fail(self.errors[name], pytrace=False)
+        return self.second.folder(name)
+
+    def resumed(self, name: str) -> dict:
+        return load_result(self.resumed_folder(name))["losses"]
+
+    def close(self) -> None:
+        for batch in (self.first, self.second):
+            if batch is not None:
+                batch.close()
+
+    def _wait_first(self) -> None:
+        """Once: every straight run done (or failed), its job ended; then start the resumes."""
+        if self.second is not None:
+            return
+        for name in STRAIGHT:
+            if name not in self.selected:
+                continue
+            try:
+                self.straight_losses[name] = load_result(self.first.folder(name))["losses"]
+            except pytest.fail.Exception as e:
+                self.errors[name] = str(e)
+        if self.first.proc is not None:  # its processes leave (killed if they linger): the resumes run in new ones
+            try:
+                self.first.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                pass
+        self.first.close()
+        resumes = []
+        for name, (nproc, layout, batch) in RESUMED.items():
+            if name not in self.selected:
+                continue
+            if name == "from_seed":
+                resumes.append((name, nproc, "worker", worker_args(layout, batch)))
+                continue
+            source = RESUME_FROM[name]
+            if source in self.errors:
+                self.errors[name] = f"its straight run {source} failed:\n{self.errors[source]}"
+                continue
+            src = self.folder / "straight" / source
+            dst = self.folder / "resumed" / name
+            shutil.move(src, dst)  # the straight run's losses are read already
+            drop_latest(dst)
+            if name == "elastic_fsdp2":  # the one-process resume gets its own copy of the checkpoint
+                shutil.copytree(dst / "checkpoint", self.folder / "single" / "checkpoint")
+            (dst / "metrics.jsonl").unlink()
+            resumes.append((name, nproc, "worker", worker_args(layout, batch)))
+        self.second = Batch(self.folder / "resumed", resumes)
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(request, tmp_path_factory):
+    runs = TorchrunRuns(tmp_path_factory.mktemp("torchrun"), needed(request, needs))
+    yield runs
+    runs.close()
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "tp2", "fsdp2xtp2"])
+def test_exact_resume_distributed(torchrun_runs, name):
+    straight, resumed = torchrun_runs.straight(name), torchrun_runs.resumed(name)
+    assert sorted(straight) == [1, 2, 3, 4, 5, 6]
     assert sorted(resumed) == [4, 5, 6]
     assert same(resumed, straight), (resumed, straight)
 
 
-def test_exact_resume_pp2_fsdp2_tp2_eight_processes(tmp_path):
-    layout = ["--parallelism.pp", "2", "--parallelism.dp_shard", "2", "--parallelism.tp", "2"]
-    straight = run_torchrun(8, tmp_path, *layout)
-    drop_latest(tmp_path)
-    (tmp_path / "metrics.jsonl").unlink()
-    resumed = run_torchrun(8, tmp_path, *layout)
+def test_exact_resume_pp2_fsdp2_tp2_eight_processes(torchrun_runs):
+    straight, resumed = torchrun_runs.straight("pp2xfsdp2xtp2"), torchrun_runs.resumed("pp2xfsdp2xtp2")
+    assert sorted(straight) == [1, 2, 3, 4, 5, 6]
     assert sorted(resumed) == [4, 5, 6]
     assert same(resumed, straight), (resumed, straight)
 
 
-def test_looped_pipeline_checkpoint_loads_into_one_process(tmp_path):
+def test_looped_pipeline_checkpoint_loads_into_one_process(tmp_path, torchrun_runs):
     """Two stages per rank (two model parts, two optimizers per rank) save; one process resumes."""
-    layout = ["--parallelism.pp", "2", "--parallelism.dp_shard", "1", "--parallelism.pp_schedule", "Interleaved1F1B",
-              "--parallelism.pp_microbatches", "2"]
-    straight = run_torchrun(2, tmp_path / "a", *layout)
+    straight = torchrun_runs.straight("looped_pp")
+    shutil.copytree(torchrun_runs.straight_folder("looped_pp") / "checkpoint", tmp_path / "a" / "checkpoint")
     drop_latest(tmp_path / "a")
     single = run_local(tmp_path / "a")
     assert sorted(single) == [4, 5, 6]
@@ -134,14 +259,11 @@ def test_looped_pipeline_checkpoint_loads_into_one_process(tmp_path):
         assert single[s] == pytest.approx(straight[s], rel=1e-5)
 
 
-def test_elastic_resume_fsdp4_to_fsdp2_and_to_one_process(tmp_path):
+def test_elastic_resume_fsdp4_to_fsdp2_and_to_one_process(torchrun_runs):
     """Global batch 8 throughout: FSDP x4 with 2 per rank, then FSDP x2 with 4, then 1 x 8."""
-    straight = run_torchrun(4, tmp_path / "a", "--parallelism.dp_shard", "4", batch=2)
-    drop_latest(tmp_path / "a")
-    shutil.copytree(tmp_path / "a" / "checkpoint", tmp_path / "b" / "checkpoint")
-    (tmp_path / "a" / "metrics.jsonl").unlink()
-    fsdp2 = run_torchrun(2, tmp_path / "a", "--parallelism.dp_shard", "2", batch=4)
-    single = run_local(tmp_path / "b", batch=8)
+    straight = torchrun_runs.straight("elastic_fsdp4")
+    fsdp2 = torchrun_runs.resumed("elastic_fsdp2")
+    single = run_local(torchrun_runs.folder / "single", batch=8)
     for resumed in (fsdp2, single):
         assert sorted(resumed) == [4, 5, 6]
         for s in resumed:
@@ -215,13 +337,11 @@ def test_keep_latest_k(tmp_path):
     assert complete_steps(tmp_path / "checkpoint") == [4, 5]
 
 
-def test_seed_checkpoint_is_model_only_and_used_by_a_parallel_run(tmp_path, straight_6):
-    cfg, _ = load_config([*BASE, "--training.steps", "6", "--job.dump_folder", str(tmp_path),
-                          "--checkpoint.create_seed_checkpoint", "--training.seed", "7"])
-    train(cfg)
-    meta = json.loads((tmp_path / "checkpoint" / "step-0" / "train_state.json").read_text())
-    assert meta["contents"] == ["model"]
-    from_seed = run_torchrun(2, tmp_path, "--parallelism.dp_shard", "2", batch=1)  # seed 42, loads step-0
+def test_seed_checkpoint_is_model_only_and_used_by_a_parallel_run(tmp_path, straight_6, torchrun_runs):
+    """The seed checkpoint (seed 7) is written in-process by TorchrunRuns, then an FSDP x2 run
+    (seed 42, batch 1 per rank) starts in its folder and loads step-0."""
+    from_seed = torchrun_runs.resumed("from_seed")
+    assert torchrun_runs.seed_meta["contents"] == ["model"]
     with_seed7 = run_local(tmp_path / "ref", "--training.seed", "7", "--no-checkpoint.enable_checkpoint", batch=2)
     without = straight_6  # seed 42, batch 2, no seed checkpoint (step 1's loss: the initial weights)
     assert from_seed[1] == pytest.approx(with_seed7[1], rel=1e-5)  # the seed checkpoint's weights
