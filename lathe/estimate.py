@@ -63,6 +63,7 @@ class RankEstimate:
     report: MemoryReport
     modelled: dict[str, int] = field(default_factory=dict)  # bytes added to the measured peak
     stands_for: int = 1  # ranks of the layout in this rank's role (identical measurement)
+    role: "Role | None" = None  # which ranks those are (Role.members)
 
     @property
     def peak(self) -> int:
@@ -217,7 +218,7 @@ def estimate(cfg: Config, world_size: int, steps: int = 2, all_ranks: bool = Fal
     with _lazy_fsdp_chunks():
         for role in chosen:
             measured = _estimate_rank(run_cfg, dims, role.rank, role.pp_rank, vocab, steps)
-            measured.stands_for = role.ranks
+            measured.stands_for, measured.role = role.ranks, role
             result.ranks.append(measured)
     result.seconds = time.perf_counter() - start
     return result
