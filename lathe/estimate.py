@@ -50,9 +50,8 @@ NCCL_PER_GROUP = int(0.25 * GIB)  # NCCL's channel buffers per communicator this
 RELEASED_VOCAB = {"tiktoken": 128_256, "sentencepiece": 32_000}
 # The largest job lathe estimate simulates: above the largest announced training jobs (~100,000
 # GPUs). The estimator's own memory grows with the world size (torch's process group keeps per-rank
-# bookkeeping); at this size it stays under ESTIMATOR_MEMORY_GIB (docs/planning.md, "Bounds").
+# bookkeeping); the report states what it used (docs/planning.md, "Bounds").
 MAX_WORLD_SIZE = 2**17
-ESTIMATOR_MEMORY_GIB = 2
 
 
 @dataclass
@@ -79,6 +78,7 @@ class Estimate:
     vocab_size: int
     ranks: list[RankEstimate] = field(default_factory=list)  # one per role
     seconds: float = 0.0
+    max_rss: int = 0  # bytes: the estimating process's own peak resident memory
 
     @property
     def peak(self) -> int:
@@ -221,7 +221,16 @@ def estimate(cfg: Config, world_size: int, steps: int = 2, all_ranks: bool = Fal
             measured.stands_for, measured.role = role.ranks, role
             result.ranks.append(measured)
     result.seconds = time.perf_counter() - start
+    result.max_rss = _max_rss()
     return result
+
+
+def _max_rss() -> int:
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,7 +571,7 @@ def to_json(cfg: Config, est: Estimate, vocab_source: str, analytic: list | None
         ranks.append(entry)
     out = {"model": f"{cfg.model.name} {cfg.model.flavor}", "world_size": est.world_size, "degrees": est.degrees,
            "vocab_size": est.vocab_size, "vocab_source": vocab_source, "batch_size": cfg.training.batch_size,
-           "seq_len": cfg.training.seq_len, "seconds": round(est.seconds, 2), "ranks_measured": len(ranks),
+           "seq_len": cfg.training.seq_len, "seconds": round(est.seconds, 2), "estimator_max_rss": est.max_rss, "ranks_measured": len(ranks),
            "ranks": ranks, "units": "bytes"}
     if analytic is not None:
         out["analytic"] = [{"pp_rank": m.pp_rank, "peak": m.peak, "phases": m.phases} for m in analytic]
@@ -586,7 +595,7 @@ def format_report(cfg: Config, est: Estimate, vocab_source: str, analytic: list 
              f"  measured on fake tensors in {est.seconds:.1f} s: 2 training steps of one rank per role, "
              f"{len(est.ranks)} role{'s' if len(est.ranks) != 1 else ''} "
              f"({', '.join(f'rank {r.rank} for {r.stands_for:,}' for r in est.ranks[:8])}"
-             f"{', ...' if len(est.ranks) > 8 else ''})", ""]
+             f"{', ...' if len(est.ranks) > 8 else ''}); the estimator used {est.max_rss / GIB:.2f} GiB of RAM", ""]
     unit, scale = ("GiB", GIB) if est.peak >= GIB else ("MiB", 2**20)
     lines.append(f"{unit} per rank".ljust(38) + "".join(f"{'rank ' + str(r.rank):>11}" for r in est.ranks))
 

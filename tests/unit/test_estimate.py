@@ -151,6 +151,7 @@ def test_estimate_cli_json(capsys):
     assert code == 0 and out["fits"] is True and out["world_size"] == 2
     rank = out["ranks"][0]
     assert out["ranks_measured"] == 1 and rank["stands_for"] == 2  # the two FSDP ranks: one role
+    assert 0 < out["estimator_max_rss"] < 8 * 2**30  # this whole test process, stated in the report
     assert rank["peak"] == rank["tracked_peak"] > rank["steady"]["parameters"] > 0
     assert rank["needed"] == rank["peak"] + sum(rank["device_overheads"].values())
     assert out["largest_batch_size"] >= 2
