@@ -216,9 +216,12 @@ def estimate(cfg: Config, world_size: int, steps: int = 2, all_ranks: bool = Fal
     result = Estimate(world_size, dims.degrees, vocab)
     chosen = [Role(r, _coords(dims, r)[0], 1) for r in range(world_size)] if all_ranks else roles(run_cfg, dims, vocab)
     with _lazy_fsdp_chunks():
-        for role in chosen:
+        for i, role in enumerate(chosen):
+            began = time.perf_counter()
             measured = _estimate_rank(run_cfg, dims, role.rank, role.pp_rank, vocab, steps)
             measured.stands_for, measured.role = role.ranks, role
+            logger.info("estimate: role %d of %d (rank %d, pipeline rank %d, %d ranks) measured in %.1f s",
+                        i + 1, len(chosen), role.rank, role.pp_rank, role.ranks, time.perf_counter() - began)
             result.ranks.append(measured)
     result.seconds = time.perf_counter() - start
     result.max_rss = _max_rss()
