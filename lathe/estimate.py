@@ -214,7 +214,7 @@ def estimate(cfg: Config, world_size: int, steps: int = 2, all_ranks: bool = Fal
     start = time.perf_counter()
     dims = ParallelDims.from_config(run_cfg.parallelism, world_size)
     result = Estimate(world_size, dims.degrees, vocab)
-    chosen = [Role(r, _coords(dims, r)[0], 1) for r in range(world_size)] if all_ranks else roles(run_cfg, dims, vocab)
+    chosen = [_single(dims, r) for r in range(world_size)] if all_ranks else roles(run_cfg, dims, vocab)
     with _lazy_fsdp_chunks():
         for i, role in enumerate(chosen):
             began = time.perf_counter()
@@ -247,11 +247,20 @@ class Role:
     ranks: int  # how many ranks of the layout the role has
     tp: tuple[int, int] = (0, 1)  # [start, end) of its TP coordinates
     shard: tuple[int, int] = (0, 1)  # [start, end) of its FSDP coordinates (dp_shard x cp + cp)
+    replica: tuple[int, int] | None = None  # [start, end) of its dp_replicate coordinates; None: all
 
     def members(self, dims) -> list[int]:
         """Every rank of the role (for tests: O(ranks))."""
+        replicas = range(*self.replica) if self.replica is not None else range(dims.dp_replicate)
         return sorted(_rank_of(dims, self.pp_rank, rep, j // dims.cp, j % dims.cp, t)
-                      for rep in range(dims.dp_replicate) for j in range(*self.shard) for t in range(*self.tp))
+                      for rep in replicas for j in range(*self.shard) for t in range(*self.tp))
+
+
+def _single(dims, rank: int) -> Role:
+    """A role of one rank (to measure every rank)."""
+    pp, rep, shard, cp, tp = _coords(dims, rank)
+    j = shard * dims.cp + cp
+    return Role(rank, pp, 1, (tp, tp + 1), (j, j + 1), (rep, rep + 1))
 
 
 def _chunk(n: int, k: int, i: int) -> int:

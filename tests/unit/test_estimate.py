@@ -170,7 +170,7 @@ def test_one_rank_per_role_equals_every_rank():
                           "--training.batch_size", "2", "--parallelism.pp", "2", "--parallelism.dp_shard", "3"])
     dims = ParallelDims.from_config(cfg.parallelism, 6)
     every = {r.rank: r for r in estimate(cfg, 6, all_ranks=True).ranks}
-    assert sorted(every) == list(range(6))
+    assert sorted(every) == list(range(6)) and all(r.role.members(dims) == [r.rank] for r in every.values())
     layout_roles = roles(cfg, dims, 1001)
     assert [(r.rank, r.ranks) for r in layout_roles] == [(0, 2), (2, 1), (3, 2), (5, 1)]
     assert sorted(m for r in layout_roles for m in r.members(dims)) == list(range(6))
