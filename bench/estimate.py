@@ -76,7 +76,7 @@ def cpu_bench(args) -> None:
             lay = layout_from_config(cfg, dims, est.vocab_size)
             global_batch = cfg.training.batch_size * dims.dp * lay.accumulation
             predicted = step_cost(lay, global_batch, nproc, cpu)["step"]
-            rows.append((name, nproc, est, analytic, predicted, seconds))
+            rows.append((name, nproc, est, analytic, predicted, seconds, dims))
         code = proc.wait()
     if code != 0:
         sys.exit(f"the training job failed (exit {code}); see {folder / 'worker.log'}")
@@ -87,14 +87,13 @@ def cpu_bench(args) -> None:
     print(head)
     print("-" * len(head))
     worst = 0.0
-    for name, nproc, est, analytic, predicted, seconds in rows:
-        per_pp = nproc // est.degrees["pp"]
+    for name, nproc, est, analytic, predicted, seconds, dims in rows:
         checks = {r: json.loads((folder / f"{name}_rank{r}.json").read_text()) for r in range(nproc)}
         logged = [json.loads(x) for x in (folder / name / "metrics.jsonl").read_text().splitlines()]
         times = [r["step_time"] for r in logged if "step_time" in r and r.get("step", 0) > 2]
         measured_step = statistics.median(times) if times else float("nan")
         for r in est.ranks:
-            measured = max(checks[k]["measured"] for k in checks if k // per_pp == r.pp_rank)
+            measured = max(checks[k]["measured"] for k in r.role.members(dims))  # the ranks of its role
             ratio, a_ratio = r.peak / measured, analytic[r.pp_rank] / measured
             worst = max(worst, abs(ratio - 1))
             first = r.pp_rank == 0

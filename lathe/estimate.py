@@ -7,8 +7,11 @@ checkpointing, FSDP/HSDP, pipeline stages), materializes it as fake tensors (sha
 storage sizes, no data), and runs two real training steps (``trainer.StepRunner``: micro-batches,
 the pipeline schedule, gradient clipping, the optimizer) while ``lathe.memtrack.MemoryTracker``
 counts every tensor storage. Step 1 creates the optimizer states; step 2 is the steady state.
-Pipeline ranks hold different stages, so each pipeline rank is simulated in turn; the ranks of one
-pipeline rank differ at most by the last shard of an uneven split (rank 0 holds the larger one).
+The ranks of a layout fall into a few *roles* (``roles``): sets of ranks whose measurement is
+provably identical (the same pipeline stage, the same local shape of every sharded tensor). One rank
+per role is simulated, in turn; a role's answer stands for all its ranks (docs/planning.md, "Roles").
+The world size is checked against ``MAX_WORLD_SIZE`` before anything is allocated: torch's process
+group keeps a few hundred bytes per rank, so a typo of a world size would otherwise exhaust memory.
 
 Modelled instead of measured (docs/planning.md): DDP's gradient buckets (torch's C++ reducer cannot
 run on fake tensors: DDP layouts run the local model and add one flat copy of the gradients), and
@@ -45,6 +48,10 @@ NCCL_PER_GROUP = int(0.25 * GIB)  # NCCL's channel buffers per communicator this
 # The vocabulary of each family's released tokenizer: used when the tokenizer file the config
 # names is not on this machine (an estimate needs only the number of embedding rows).
 RELEASED_VOCAB = {"tiktoken": 128_256, "sentencepiece": 32_000}
+# The largest job lathe estimate simulates: above the largest announced training jobs (~100,000
+# GPUs). The estimator's own memory grows with the world size (torch's process group keeps per-rank
+# bookkeeping); the report states what it used (docs/planning.md, "Bounds").
+MAX_WORLD_SIZE = 2**17
 
 
 @dataclass
@@ -54,6 +61,8 @@ class RankEstimate:
     stages: list[int]
     report: MemoryReport
     modelled: dict[str, int] = field(default_factory=dict)  # bytes added to the measured peak
+    stands_for: int = 1  # ranks of the layout in this rank's role (identical measurement)
+    role: "Role | None" = None  # which ranks those are (Role.members)
 
     @property
     def peak(self) -> int:
@@ -67,8 +76,9 @@ class Estimate:
     world_size: int
     degrees: dict[str, int]
     vocab_size: int
-    ranks: list[RankEstimate] = field(default_factory=list)
+    ranks: list[RankEstimate] = field(default_factory=list)  # one per role
     seconds: float = 0.0
+    max_rss: int = 0  # bytes: the estimating process's own peak resident memory
 
     @property
     def peak(self) -> int:
@@ -136,21 +146,35 @@ def estimation_config(cfg: Config) -> Config:
 
 
 def world_size_for(cfg: Config, world_size: int | None) -> int:
-    """``--world-size``, else the product of the degrees when none is -1."""
+    """``--world-size``, else the product of the degrees when none is -1; checked to be plausible."""
     p = cfg.parallelism
     if world_size is not None:
         if world_size < 1:
             raise ConfigError("--world-size", "must be >= 1", "e.g. --world-size 8", world_size)
+        check_plausible(world_size, "--world-size")
         return world_size
     if p.dp_shard == -1:
         raise ConfigError("--world-size", "needed: parallelism.dp_shard is -1 (all remaining ranks)",
                           "give --world-size N (GPUs in the job) or set parallelism.dp_shard", None)
-    return p.dp_replicate * p.dp_shard * p.tp * p.pp * p.cp
+    world_size = p.dp_replicate * p.dp_shard * p.tp * p.pp * p.cp
+    check_plausible(world_size, "parallelism")
+    return world_size
+
+
+def check_plausible(world_size: int, option: str = "--world-size") -> None:
+    """Refuse a world size above ``MAX_WORLD_SIZE`` before anything is allocated (the estimator's
+    memory grows with it; such a number is a typo, not a job)."""
+    if world_size > MAX_WORLD_SIZE:
+        raise ConfigError(option, f"a world size of {world_size:,} GPUs is not plausible: lathe estimate "
+                          f"simulates jobs of at most {MAX_WORLD_SIZE:,} GPUs (the largest training jobs "
+                          "run ~100,000)", "give the number of GPUs in the job, e.g. --world-size 512",
+                          world_size)
 
 
 def prepare(cfg: Config, world_size: int) -> tuple[Config, int, str]:
     """Validate ``cfg`` for ``world_size`` ranks and return (estimation config, vocabulary, its
     source). Every ConfigError is raised here, before any process group exists."""
+    check_plausible(world_size)
     vocab, source = vocab_size_for(cfg)
     if cfg.training.compile:
         logger.info("estimating the eager run: torch.compile is left out (compiled blocks usually need less)")
@@ -181,20 +205,185 @@ def fake_process_group(rank: int, world_size: int):
             clear()
 
 
-def estimate(cfg: Config, world_size: int, steps: int = 2) -> Estimate:
-    """Measure every distinct rank of ``cfg``'s layout on ``world_size`` ranks (see module doc)."""
+def estimate(cfg: Config, world_size: int, steps: int = 2, all_ranks: bool = False) -> Estimate:
+    """Measure one rank of every role of ``cfg``'s layout on ``world_size`` ranks (see module doc);
+    ``all_ranks`` measures every rank instead (for tests: small layouts only)."""
     from lathe.parallel.dims import ParallelDims
 
     run_cfg, vocab, _ = prepare(cfg, world_size)
     start = time.perf_counter()
     dims = ParallelDims.from_config(run_cfg.parallelism, world_size)
     result = Estimate(world_size, dims.degrees, vocab)
-    per_pp_rank = world_size // dims.pp
-    for pp_rank in range(dims.pp):
-        rank = pp_rank * per_pp_rank  # the pipeline dimension is outermost in the mesh
-        result.ranks.append(_estimate_rank(run_cfg, dims, rank, pp_rank, vocab, steps))
+    chosen = [_single(dims, r) for r in range(world_size)] if all_ranks else roles(run_cfg, dims, vocab)
+    with _lazy_fsdp_chunks():
+        for i, role in enumerate(chosen):
+            began = time.perf_counter()
+            measured = _estimate_rank(run_cfg, dims, role.rank, role.pp_rank, vocab, steps)
+            measured.stands_for, measured.role = role.ranks, role
+            logger.info("estimate: role %d of %d (rank %d, pipeline rank %d, %d ranks) measured in %.1f s",
+                        i + 1, len(chosen), role.rank, role.pp_rank, role.ranks, time.perf_counter() - began)
+            result.ranks.append(measured)
     result.seconds = time.perf_counter() - start
+    result.max_rss = _max_rss()
     return result
+
+
+def _max_rss() -> int:
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Roles: which ranks measure the same (docs/planning.md, "Roles")
+
+
+@dataclass(frozen=True)
+class Role:
+    rank: int  # the global rank measured for the role (the lowest of its ranks)
+    pp_rank: int
+    ranks: int  # how many ranks of the layout the role has
+    tp: tuple[int, int] = (0, 1)  # [start, end) of its TP coordinates
+    shard: tuple[int, int] = (0, 1)  # [start, end) of its FSDP coordinates (dp_shard x cp + cp)
+    replica: tuple[int, int] | None = None  # [start, end) of its dp_replicate coordinates; None: all
+
+    def members(self, dims) -> list[int]:
+        """Every rank of the role (for tests: O(ranks))."""
+        replicas = range(*self.replica) if self.replica is not None else range(dims.dp_replicate)
+        return sorted(_rank_of(dims, self.pp_rank, rep, j // dims.cp, j % dims.cp, t)
+                      for rep in replicas for j in range(*self.shard) for t in range(*self.tp))
+
+
+def _single(dims, rank: int) -> Role:
+    """A role of one rank (to measure every rank)."""
+    pp, rep, shard, cp, tp = _coords(dims, rank)
+    j = shard * dims.cp + cp
+    return Role(rank, pp, 1, (tp, tp + 1), (j, j + 1), (rep, rep + 1))
+
+
+def _chunk(n: int, k: int, i: int) -> int:
+    """The size of piece ``i`` when ``torch.chunk`` splits ``n`` into ``k`` (DTensor's Shard and
+    FSDP split that way: ceil(n/k) each, the remainder next, then empty pieces)."""
+    size = -(-n // k)
+    return max(0, min(size, n - i * size))
+
+
+def _breaks(extents, k: int) -> list[int]:
+    """The coordinates in [0, k) where the piece size of some extent changes: the piece sizes of
+    every extent are constant between consecutive breaks."""
+    points = {0}
+    for n in extents:
+        if n > 0:
+            size = -(-n // k)  # pieces [0, n // size) are full, a partial one follows, then empty ones
+            points.update(p for p in (n // size, -(-n // size)) if 0 < p < k)
+    return sorted(points)
+
+
+def _intervals(extents, k: int) -> list[tuple[int, int]]:
+    """[start, end) runs of coordinates of a k-way split in which every extent's piece is the same."""
+    b = _breaks(extents, k)
+    return list(zip(b, [*b[1:], k]))
+
+
+def _coords(dims, rank: int) -> tuple[int, int, int, int, int]:
+    """(pp, dp_replicate, dp_shard, cp, tp) coordinates of ``rank`` (row-major, pp outermost)."""
+    out = []
+    for size in reversed([dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp]):
+        out.append(rank % size)
+        rank //= size
+    return tuple(reversed(out))
+
+
+def _rank_of(dims, pp: int, rep: int, shard: int, cp: int, tp: int) -> int:
+    rank = 0
+    for coord, size in ((pp, dims.pp), (rep, dims.dp_replicate), (shard, dims.dp_shard), (cp, dims.cp),
+                        (tp, dims.tp)):
+        rank = rank * size + coord
+    return rank
+
+
+def model_extents(cfg: Config, vocab_size: int) -> set[int]:
+    """Every parameter extent a split can cut: each dimension of each parameter of the whole model
+    (built on the meta device) and the vocabulary. A superset is safe (it can only separate ranks
+    that are in fact alike)."""
+    from lathe.models import MODELS
+    from lathe.trainer import model_args
+
+    with torch.device("meta"):
+        model = MODELS[cfg.model.name].build(model_args(cfg, vocab_size))
+    return {n for p in model.parameters() for n in p.shape} | {vocab_size}
+
+
+def roles(cfg: Config, dims, vocab_size: int) -> list[Role]:
+    """The roles of the layout, each with its lowest rank and its number of ranks.
+
+    Two ranks measure the same when they run the same program on tensors of the same shapes. The
+    program differs only by pipeline stage (each pp coordinate is its own role). Shapes differ only
+    where a split is uneven: TP splits parameter dimensions, the sequence and the vocabulary over
+    ``tp`` ranks; FSDP splits dim 0 of each TP shard over the ``dp_shard x cp`` ranks (coordinate
+    ``shard * cp + cp``); CP splits the sequence into 2 x cp pieces (rank c takes pieces c and
+    2cp-1-c); replicas (dp_replicate) hold the same shards. Coordinates whose piece of every extent
+    is the same are alike; the pieces change only at a few coordinates per extent (``_breaks``), so
+    the roles are found without visiting every rank."""
+    extents = model_extents(cfg, vocab_size)
+    seq = cfg.training.seq_len
+    cp_key = [(_chunk(seq, 2 * dims.cp, c), _chunk(seq, 2 * dims.cp, 2 * dims.cp - 1 - c), _chunk(seq, dims.cp, c))
+              for c in range(dims.cp)]
+    sequence = {seq} | {n for key in cp_key for n in key}  # TP (sequence parallel) splits these too
+    shards = dims.dp_shard * dims.cp
+    out = []
+    for pp in range(dims.pp):
+        for t0, t1 in _intervals(extents | sequence, dims.tp):
+            # FSDP splits parameters (their TP shards), never the sequence
+            local = extents | {_chunk(n, dims.tp, t) for n in extents for t in range(t0, t1)}
+            if len(set(cp_key)) == 1:
+                runs = [(j0, j1 - j0) for j0, j1 in _intervals(local, shards)]
+            else:  # uneven CP pieces: every FSDP coordinate on its own (only small cp and shards)
+                runs = [(j, 1) for j in range(shards)]
+            for j, count in runs:
+                rank = _rank_of(dims, pp, 0, j // dims.cp, j % dims.cp, t0)
+                out.append(Role(rank, pp, count * (t1 - t0) * dims.dp_replicate, (t0, t1), (j, j + count)))
+    return out
+
+
+@contextlib.contextmanager
+def _lazy_fsdp_chunks():
+    """FSDP splits each parameter into one view per shard rank to keep one of them (torch 2.13's
+    ``_chunk_with_empty``): O(dp_shard) views per parameter, minutes at large world sizes. Give it
+    a sequence that makes a piece when asked: the same pieces, made in O(1)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    original = getattr(_fsdp_param, "_chunk_with_empty", None)
+    if original is None:  # another torch: leave it
+        yield
+        return
+    _fsdp_param._chunk_with_empty = _LazyChunks
+    try:
+        yield
+    finally:
+        _fsdp_param._chunk_with_empty = original
+
+
+class _LazyChunks:
+    """``torch.chunk(tensor, num_chunks, dim)`` padded with empty tensors, piece by piece."""
+
+    def __init__(self, tensor: torch.Tensor, num_chunks: int, dim: int):
+        self.tensor, self.num_chunks, self.dim = tensor, num_chunks, dim
+
+    def __len__(self) -> int:
+        return self.num_chunks
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not -self.num_chunks <= i < self.num_chunks:
+            raise IndexError(i)
+        i %= self.num_chunks
+        n = self.tensor.size(self.dim)
+        size = _chunk(n, self.num_chunks, i)
+        if size == 0:
+            return self.tensor.new_empty(0)
+        return self.tensor.narrow(self.dim, i * -(-n // self.num_chunks), size)
 
 
 def _estimate_rank(cfg: Config, dims, rank: int, pp_rank: int, vocab_size: int, steps: int) -> RankEstimate:
@@ -362,9 +551,10 @@ class Verdict:
 
 def judge(cfg: Config, est: Estimate, device) -> Verdict:
     needed, measured = {}, {}
-    for r in est.ranks:
-        needed[r.pp_rank] = r.peak + sum(device_overheads(r.peak, est.degrees).values())
-        measured[r.pp_rank] = r.peak
+    for r in est.ranks:  # the most loaded role of each pipeline rank
+        if r.peak >= measured.get(r.pp_rank, -1):
+            needed[r.pp_rank] = r.peak + sum(device_overheads(r.peak, est.degrees).values())
+            measured[r.pp_rank] = r.peak
     # the tensor budget: what is left of the device after the fixed overheads, less fragmentation
     fixed = {r: needed[r] - measured[r] - int(FRAGMENTATION * measured[r]) for r in measured}
     budget = min(int((device.usable_bytes - fixed[r]) / (1 + FRAGMENTATION)) for r in measured)
@@ -384,16 +574,17 @@ def to_json(cfg: Config, est: Estimate, vocab_source: str, analytic: list | None
     ranks = []
     for r in est.ranks:
         rep = r.report
-        entry = {"rank": r.rank, "pp_rank": r.pp_rank, "stages": r.stages, "peak": r.peak,
+        entry = {"rank": r.rank, "pp_rank": r.pp_rank, "stands_for": r.stands_for, "stages": r.stages, "peak": r.peak,
                  "tracked_peak": rep.peak, "peak_by_step": rep.peak_by_step, "steady": rep.steady,
                  "at_peak": rep.at_peak, "activations_by_module": rep.activations_by_module, "modelled": r.modelled}
         if verdict is not None:
             entry["device_overheads"] = device_overheads(r.peak, est.degrees)
-            entry["needed"] = verdict.needed[r.pp_rank]
+            entry["needed"] = r.peak + sum(entry["device_overheads"].values())
         ranks.append(entry)
     out = {"model": f"{cfg.model.name} {cfg.model.flavor}", "world_size": est.world_size, "degrees": est.degrees,
            "vocab_size": est.vocab_size, "vocab_source": vocab_source, "batch_size": cfg.training.batch_size,
-           "seq_len": cfg.training.seq_len, "seconds": round(est.seconds, 2), "ranks": ranks, "units": "bytes"}
+           "seq_len": cfg.training.seq_len, "seconds": round(est.seconds, 2), "estimator_max_rss": est.max_rss, "ranks_measured": len(ranks),
+           "ranks": ranks, "units": "bytes"}
     if analytic is not None:
         out["analytic"] = [{"pp_rank": m.pp_rank, "peak": m.peak, "phases": m.phases} for m in analytic]
     if verdict is not None:
@@ -413,7 +604,10 @@ def format_report(cfg: Config, est: Estimate, vocab_source: str, analytic: list 
              f"  batch {t.batch_size} x {t.seq_len} tokens per rank, activation checkpointing {ac_text}, "
              f"FSDP params {t.mixed_precision_param} / reduce {t.mixed_precision_reduce}",
              f"  vocabulary {est.vocab_size:,} from {vocab_source}",
-             f"  measured on fake tensors in {est.seconds:.1f} s (2 training steps per pipeline rank)", ""]
+             f"  measured on fake tensors in {est.seconds:.1f} s: 2 training steps of one rank per role, "
+             f"{len(est.ranks)} role{'s' if len(est.ranks) != 1 else ''} "
+             f"({', '.join(f'rank {r.rank} for {r.stands_for:,}' for r in est.ranks[:8])}"
+             f"{', ...' if len(est.ranks) > 8 else ''}); the estimator used {est.max_rss / GIB:.2f} GiB of RAM", ""]
     unit, scale = ("GiB", GIB) if est.peak >= GIB else ("MiB", 2**20)
     lines.append(f"{unit} per rank".ljust(38) + "".join(f"{'rank ' + str(r.rank):>11}" for r in est.ranks))
 
@@ -433,13 +627,13 @@ def format_report(cfg: Config, est: Estimate, vocab_source: str, analytic: list 
     row("peak tensor memory", [r.peak / GIB for r in est.ranks])
     row("  (step 1, before optimizer states)", [(r.report.peak_by_step or [0])[0] / GIB for r in est.ranks])
     if analytic is not None:
-        row("analytic model", [m.peak / GIB for m in analytic])
+        row("analytic model", [analytic[r.pp_rank].peak / GIB for r in est.ranks])
     if verdict is not None:
         over = [device_overheads(r.peak, est.degrees) for r in est.ranks]
         row(f"+ allocator fragmentation ({FRAGMENTATION:.0%})", [o["fragmentation"] / GIB for o in over])
         row("+ CUDA context", [o["cuda_context"] / GIB for o in over])
         row("+ NCCL buffers", [o["nccl"] / GIB for o in over])
-        row("= device memory needed", [verdict.needed[r.pp_rank] / GIB for r in est.ranks])
+        row("= device memory needed", [(r.peak + sum(o.values())) / GIB for r, o in zip(est.ranks, over)])
         d = verdict.device
         state = (f"fits, {verdict.headroom:.0%} headroom" if verdict.fits
                  else f"does NOT fit ({-verdict.headroom:.0%} over)")

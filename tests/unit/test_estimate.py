@@ -7,7 +7,9 @@
   model's layouts and for 8B at world size 8 and 64 (the tiny model's parity layouts are checked
   against real runs in tests/parallel/test_estimate_accuracy.py);
 - lathe plan returns only layouts that lathe estimate says fit;
-- bad input is one line naming the option, exit code 2.
+- one rank per role: measuring every rank of a small uneven layout gives, for each role, the same
+  measurement on every rank of the role; the roles of large layouts (405B at 512) are few;
+- bad input is one line naming the option, exit code 2 (an absurd world size too, at once).
 """
 
 import json
@@ -18,7 +20,7 @@ import torch
 from lathe import cli
 from lathe.config import load_config
 from lathe.devices import resolve_device
-from lathe.estimate import estimate, estimation_config, fake_process_group, judge
+from lathe.estimate import MAX_WORLD_SIZE, estimate, estimation_config, fake_process_group, judge, roles
 from lathe.memory_model import estimate_rank, layout_from_config, param_bytes, stage_layout
 from lathe.memtrack import GRADS, OPTIM, PARAMS, MemoryTracker
 from lathe.parallel.dims import ParallelDims
@@ -148,12 +150,76 @@ def test_estimate_cli_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["fits"] is True and out["world_size"] == 2
     rank = out["ranks"][0]
+    assert out["ranks_measured"] == 1 and rank["stands_for"] == 2  # the two FSDP ranks: one role
+    assert 0 < out["estimator_max_rss"] < 8 * 2**30  # this whole test process, stated in the report
     assert rank["peak"] == rank["tracked_peak"] > rank["steady"]["parameters"] > 0
     assert rank["needed"] == rank["peak"] + sum(rank["device_overheads"].values())
     assert out["largest_batch_size"] >= 2
 
 
+def _same(a, b):
+    return (a.report.peak, a.report.peak_by_step, a.report.steady, a.report.at_peak) == (
+        b.report.peak, b.report.peak_by_step, b.report.steady, b.report.at_peak)
+
+
+def test_one_rank_per_role_equals_every_rank():
+    """PP 2 x FSDP 3 of the tiny model (2 blocks) with an odd vocabulary: FSDP's last shard of every matrix is
+    smaller (dim 64 -> 22, 22, 20 rows), so each pipeline rank has two roles. Every rank measured:
+    each rank equals the rank its role measures, and the per-role estimate is that answer."""
+    cfg, _ = load_config(["--model.flavor", "tiny", "--model.n_layers", "2", "--model.vocab_size", "1001", "--training.seq_len", "32",
+                          "--training.batch_size", "2", "--parallelism.pp", "2", "--parallelism.dp_shard", "3"])
+    dims = ParallelDims.from_config(cfg.parallelism, 6)
+    every = {r.rank: r for r in estimate(cfg, 6, all_ranks=True).ranks}
+    assert sorted(every) == list(range(6)) and all(r.role.members(dims) == [r.rank] for r in every.values())
+    layout_roles = roles(cfg, dims, 1001)
+    assert [(r.rank, r.ranks) for r in layout_roles] == [(0, 2), (2, 1), (3, 2), (5, 1)]
+    assert sorted(m for r in layout_roles for m in r.members(dims)) == list(range(6))
+    for role in layout_roles:
+        for member in role.members(dims):
+            assert _same(every[member], every[role.rank]), f"rank {member} differs from rank {role.rank}"
+    # the uneven shard is real: the last FSDP rank holds less than the first
+    assert every[2].report.steady[OPTIM] < every[0].report.steady[OPTIM]
+    # estimate() measures exactly the roles' ranks with this same function (test_estimate_cli_json
+    # checks how many it measures), so its answer is every[role.rank] for each role
+    assert max(every[r.rank].peak for r in layout_roles) == max(r.peak for r in every.values())
+
+
+@pytest.mark.parametrize("argv,world_size,expected", [
+    (["--config", "configs/llama3_405b.toml", "--parallelism.pp", "8", "--training.batch_size", "8"], 512, 8),
+    # FSDP 64 x TP 8: the TP shard of the vocabulary, 16,032 rows, splits 63 x 251 + 219
+    (["--config", "configs/llama3_405b.toml"], 512, 2),
+    (["--model.flavor", "8B", "--parallelism.tp", "8"], 16384, 8),  # 2,048 shards: many hold nothing
+    (["--config", "configs/llama3_405b.toml"], MAX_WORLD_SIZE, 7),
+])
+def test_large_layouts_have_few_roles(argv, world_size, expected):
+    cfg, _ = load_config([*LLAMA3_VOCAB, *argv])
+    dims = ParallelDims.from_config(cfg.parallelism, world_size)
+    found = roles(cfg, dims, 128256)
+    assert len(found) == expected and sum(r.ranks for r in found) == world_size
+
+
+def test_absurd_world_size_is_one_line_at_once(capsys):
+    """A typo of a world size is refused before the process group, whose bookkeeping grows with it
+    (--world-size 1000000000 used to grow to 21 GB and be killed by the OOM killer)."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        code = cli.main(["estimate", "--world-size", "1000000000"])
+        took = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--world-size" in err and f"{MAX_WORLD_SIZE:,}" in err, err
+    assert peak < 64 * 2**20 and took < 10, (peak, took)  # nothing per rank was allocated
+
+
 @pytest.mark.parametrize("argv,option", [
+    (["estimate", "--world-size", str(MAX_WORLD_SIZE + 1)], "--world-size"),
+    (["estimate", "--parallelism.dp_shard", "1048576", "--parallelism.tp", "8"], "parallelism"),
     (["estimate", "--parallelism.tp", "3", "--world-size", "8"], "parallelism"),
     (["estimate", "--world-size", "8", "--device", "H900"], "--device"),
     (["estimate", "--world-size", "0"], "--world-size"),
