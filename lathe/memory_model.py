@@ -17,7 +17,6 @@ AC under TP). ``lathe estimate`` measures instead of modelling; use it when the 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -164,22 +163,13 @@ def stage_layout(lay: Layout) -> tuple[int, list[list[_Stage]], int]:
         block_numel = sum(math.prod(s) for s, _ in block_params(a))
         block = 6 * block_numel + flops_per_token(a, 0, lay.seq_len) / a.n_layers
         table = a.vocab_size * a.dim
-        ranges = _balanced_ranges(block, a.n_layers, num_stages, 2 * table, 6 * table)
+        ranges = pl.balanced_layer_ranges(block, a.n_layers, num_stages, first_extra=2 * table, last_extra=6 * table)
     v_shaped = pl.is_v_shaped(cls)
     per_rank = []
     for r in range(lay.pp):
         ids = pl.stage_ids(r, lay.pp, num_stages, v_shaped)
         per_rank.append([_Stage(ranges[s][1] - ranges[s][0], s == 0, s == num_stages - 1) for s in ids])
     return num_stages, per_rank, lay.pp_microbatches or num_stages
-
-
-@functools.lru_cache(maxsize=1024)
-def _balanced_ranges(block: float, n_layers: int, num_stages: int, first_extra: float, last_extra: float):
-    """``pipeline.balanced_layer_ranges``, remembered: ``lathe plan`` asks for the same split for
-    every candidate of a pipeline degree, and each answer takes tens of milliseconds."""
-    from lathe.parallel import pipeline as pl
-
-    return pl.balanced_layer_ranges(block, n_layers, num_stages, first_extra=first_extra, last_extra=last_extra)
 
 
 def param_bytes(lay: Layout, stages: list[_Stage]) -> tuple[int, int, int, int]:
