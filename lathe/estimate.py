@@ -36,15 +36,12 @@ from torch import nn
 from lathe import config as config_lib
 from lathe.config import Config
 from lathe.errors import ConfigError
+from lathe.memory_model import FRAGMENTATION, device_overheads
 from lathe.memtrack import GRADS, MemoryReport, MemoryTracker
 
 logger = logging.getLogger("lathe")
 
 GIB = 2**30
-# What a CUDA device needs beyond the tensors the tracker counts (docs/planning.md, "Overheads").
-FRAGMENTATION = 0.10  # the caching allocator reserves ~5-15% more than it hands out to tensors
-CUDA_CONTEXT = int(0.6 * GIB)  # the context and kernel images (CUDA 12 lazy loading), cuBLAS workspaces
-NCCL_PER_GROUP = int(0.25 * GIB)  # NCCL's channel buffers per communicator this rank belongs to
 # The vocabulary of each family's released tokenizer: used when the tokenizer file the config
 # names is not on this machine (an estimate needs only the number of embedding rows).
 RELEASED_VOCAB = {"tiktoken": 128_256, "sentencepiece": 32_000}
@@ -497,13 +494,6 @@ def _skip_shape_exchange(schedule) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # What the numbers mean on a device
-
-
-def device_overheads(peak: int, degrees: dict[str, int]) -> dict[str, int]:
-    """Bytes a CUDA device needs beyond ``peak`` tracked tensor bytes (see the constants)."""
-    groups = sum(1 for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp") if degrees.get(name, 1) > 1)
-    return {"fragmentation": int(FRAGMENTATION * peak), "cuda_context": CUDA_CONTEXT,
-            "nccl": NCCL_PER_GROUP * groups}
 
 
 def largest_batch_size(cfg: Config, world_size: int, vocab: int, measured: dict[int, int], budget: int) -> int:

@@ -390,11 +390,23 @@ def rank_memory(lay: Layout, pp_rank: int = 0) -> RankMemory:
 FIT_MARGIN = 0.10  # a layout fits when the analytic peak 10% higher (the model's error) still fits
 
 
+# What a CUDA device needs beyond the tensors (docs/planning.md, "Overheads"); ``lathe estimate``
+# adds the same to what it measures.
+FRAGMENTATION = 0.10  # the caching allocator reserves ~5-15% more than it hands out to tensors
+CUDA_CONTEXT = int(0.6 * 2**30)  # the context and kernel images (CUDA 12 lazy loading), cuBLAS workspaces
+NCCL_PER_GROUP = int(0.25 * 2**30)  # NCCL's channel buffers per communicator this rank belongs to
+
+
+def device_overheads(peak: int, degrees: dict[str, int]) -> dict[str, int]:
+    """Bytes a CUDA device needs beyond ``peak`` tensor bytes (see the constants above)."""
+    groups = sum(1 for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp") if degrees.get(name, 1) > 1)
+    return {"fragmentation": int(FRAGMENTATION * peak), "cuda_context": CUDA_CONTEXT,
+            "nccl": NCCL_PER_GROUP * groups}
+
+
 def device_need(lay: Layout) -> int:
     """Bytes the most loaded rank needs on a CUDA device: the analytic peak with ``FIT_MARGIN``,
     plus the overheads ``lathe estimate`` adds (allocator fragmentation, CUDA context, NCCL)."""
-    from lathe.estimate import device_overheads
-
     degrees = {"dp_replicate": lay.dp_replicate, "dp_shard": lay.dp_shard, "tp": lay.tp, "pp": lay.pp}
     worst = 0
     for r in range(lay.pp):
