@@ -265,9 +265,12 @@ class CheckpointManager:
         # Gloo groups of our own: DCP's collectives (in the background thread of an async save)
         # and the training thread's checks (agree, barriers) each get one, so they never share a
         # communicator with each other or with NCCL compute traffic.
+        # The control group exists whenever there is a process group: the preemption check after
+        # every step (lathe/checkpoint/preemption.agree) runs on it, on the CPU, also without
+        # checkpoints, so it never waits for the GPU (an NCCL all-reduce read back each step would).
         uses_groups = (self.enabled or cfg.initial_load_path) and dist.is_initialized()
         self.group = dist.new_group(backend="gloo") if uses_groups else None
-        self.control = dist.new_group(backend="gloo") if uses_groups else None
+        self.control = dist.new_group(backend="gloo") if dist.is_initialized() else None
         if self.enabled and _rank() == 0:
             self._remove_partials()  # safe: this run holds the dump folder's lock
 
